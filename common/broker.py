@@ -1,0 +1,152 @@
+"""RabbitMQ: names, connections, topology and confirmed publishing.
+
+Queue behaviour (TTL, dead-lettering, expiry) lives in a policy, never in queue
+arguments, so operators can change it on a running system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from common.config import BrokerSettings
+from common.errors import BrokerUnavailable, PublishFailed, describe
+
+log = logging.getLogger(__name__)
+
+DISPATCH_EXCHANGE = "vigil.dispatch"
+DEAD_LETTER_EXCHANGE = "vigil.dlx"
+DEAD_LETTER_QUEUE = "vigil.dead-letters"
+WORKER_QUEUE_PREFIX = "vigil.worker."
+WORKER_POLICY_NAME = "vigil-worker-queues"
+# Connection names say who is who in the management UI; the executor reads worker ids
+# back out of them from connection events.
+WORKER_CONNECTION_PREFIX = "vigil-worker "
+
+
+def worker_connection_name(name: str, worker_id: str) -> str:
+    return f"{WORKER_CONNECTION_PREFIX}{name} {worker_id}"
+
+
+def worker_queue(worker_id: str) -> str:
+    return f"{WORKER_QUEUE_PREFIX}{worker_id}"
+
+
+def worker_policy(message_ttl_ms: int = 30_000, expires_ms: int = 3_600_000) -> dict:
+    return {
+        "pattern": r"^vigil\.worker\.",
+        "apply-to": "queues",
+        "priority": 0,
+        "definition": {
+            "message-ttl": message_ttl_ms,
+            "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "expires": expires_ms,
+        },
+    }
+
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+
+
+async def connect(settings: BrokerSettings, connection_name: str) -> AbstractRobustConnection:
+    """A robust (self-reconnecting) connection, named for the management UI."""
+    try:
+        return await aio_pika.connect_robust(
+            settings.url(connection_name),
+            timeout=settings.connect_timeout_s,
+            client_properties={"connection_name": connection_name},
+        )
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(settings.address, exc) from None
+
+
+async def declare_topology(channel: AbstractChannel) -> AbstractExchange:
+    """Declare the shared exchanges and the dead-letter queue; return the dispatch exchange."""
+    dispatch = await channel.declare_exchange(
+        DISPATCH_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dlx = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
+    await dead_letters.bind(dlx, routing_key="")
+    return dispatch
+
+
+def management_api(
+    settings: BrokerSettings, path: str, *, method: str = "GET", body: Any = None,
+    user: str | None = None, password: str | None = None,
+) -> Any:
+    """Call the management HTTP API (loopback or not, never through a proxy)."""
+    address = f"{settings.host}:{settings.management_port}"
+    user = user or settings.user
+    password = password or settings.password.get_secret_value()
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(
+        f"http://{address}/api/{path}", method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=settings.connect_timeout_s) as response:
+            text = response.read()
+    except urllib.error.HTTPError as exc:
+        raise BrokerUnavailable(address, f"management API answered {exc.code} {exc.reason} "
+                                         f"to {method} /api/{path}") from None
+    except OSError as exc:
+        raise BrokerUnavailable(address, exc) from None
+    return json.loads(text) if text else None
+
+
+def put_worker_policy(settings: BrokerSettings, **management: Any) -> None:
+    """Set the per-worker queue policy through the management API (idempotent)."""
+    management_api(
+        settings, f"policies/{quote(settings.vhost, safe='')}/{WORKER_POLICY_NAME}",
+        method="PUT", body=worker_policy(), **management,
+    )
+
+
+class Publisher:
+    """Publishes persistent, mandatory, confirmed messages, each within a timeout."""
+
+    def __init__(self, exchange: AbstractExchange, timeout_s: float) -> None:
+        self._exchange = exchange
+        self._timeout_s = timeout_s
+
+    async def publish(self, body: bytes, routing_key: str, *, message_id: str) -> None:
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=message_id,
+            timestamp=datetime.now(UTC),
+        )
+        try:
+            # wait_for bounds the whole call, including a robust channel waiting to reopen.
+            await asyncio.wait_for(
+                self._exchange.publish(message, routing_key, mandatory=True),
+                self._timeout_s,
+            )
+        except (aio_pika.exceptions.DeliveryError, aio_pika.exceptions.PublishError) as exc:
+            raise PublishFailed(f"not routed or not confirmed: {describe(exc)}") from None
+        except TimeoutError:
+            raise PublishFailed(f"not confirmed within {self._timeout_s:g}s") from None
+        except (*CONNECTION_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+            raise PublishFailed(f"broker unavailable: {describe(exc)}") from None

@@ -1,0 +1,110 @@
+"""Prometheus metrics and the health endpoint, served from a thread of their own.
+
+A busy event loop must never make a live process look dead, so /metrics and /healthz
+are answered by a plain HTTP server thread, not by the asyncio loop.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+TRANSITIONS = Counter(
+    "vigil_transitions_total",
+    "Execution state changes made by this process.",
+    ["from_state", "to_state", "reason"],
+)
+FENCED_WRITES = Counter(
+    "vigil_fenced_writes_total",
+    "Compare-and-set writes that changed nothing because someone else moved the row.",
+    ["operation"],
+)
+PUBLISH_FAILURES = Counter(
+    "vigil_publish_failures_total", "Dispatches that were not routed or not confirmed."
+)
+DISPATCHED = Counter("vigil_dispatched_total", "Executions published to a worker queue.")
+DEAD_LETTERS = Counter(
+    "vigil_dead_letters_total", "Dead-lettered dispatches handled, by outcome.", ["outcome"]
+)
+BAD_MESSAGES = Counter(
+    "vigil_bad_messages_total", "Malformed or foreign messages rejected.", ["queue", "kind"]
+)
+LOOP_LAST_COMPLETED = Gauge(
+    "vigil_loop_last_completed_timestamp_seconds",
+    "When each background loop last finished an iteration.",
+    ["loop"],
+)
+LOOP_DURATION = Histogram(
+    "vigil_loop_duration_seconds", "How long one iteration of each loop took.", ["loop"]
+)
+LOOP_ERRORS = Counter("vigil_loop_errors_total", "Loop iterations that raised.", ["loop"])
+SCHEDULE_TO_START = Histogram(
+    "vigil_schedule_to_start_seconds",
+    "From dispatch publish to the attempt starting on the worker.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RUN_TIME = Histogram(
+    "vigil_run_duration_seconds",
+    "How long attempts ran on the worker, by action and outcome.",
+    ["action", "outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+)
+WORKER_IN_FLIGHT = Gauge("vigil_worker_in_flight", "Attempts running on this worker.")
+WORKER_CAPACITY = Gauge("vigil_worker_capacity", "Attempts this worker may run at once.")
+WORKER_MEMORY = Gauge("vigil_worker_memory_bytes", "Container memory in use (cgroup).")
+WORKER_PRESSURE = Gauge(
+    "vigil_worker_memory_pressure", "1 while the worker refuses work for lack of memory."
+)
+
+HealthCheck = Callable[[], tuple[bool, dict]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    health: HealthCheck = staticmethod(lambda: (True, {}))
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/metrics"):
+            body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
+        elif self.path.startswith("/healthz"):
+            ok, details = self.health()
+            body = json.dumps({"ok": ok, **details}).encode()
+            status, ctype = (200 if ok else 503), "application/json"
+        else:
+            body, status, ctype = b"not found\n", 404, "text/plain"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+        pass
+
+
+def serve(host: str, port: int, health: HealthCheck) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on a daemon thread; port 0 picks a free port."""
+    handler = type("Handler", (_Handler,), {"health": staticmethod(health)})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def loops_health(max_age_s: dict[str, float]) -> HealthCheck:
+    """Healthy while every named loop completed an iteration within its allowed age."""
+
+    def check() -> tuple[bool, dict]:
+        now = time.time()
+        ages = {}
+        for loop in max_age_s:
+            last = LOOP_LAST_COMPLETED.labels(loop)._value.get()
+            ages[loop] = round(now - last, 3) if last else None
+        ok = all(a is not None and a <= max_age_s[name] for name, a in ages.items())
+        return ok, {"loop_age_s": ages}
+
+    return check

@@ -1,0 +1,119 @@
+"""The shapes Vigil's processes share: states, records and the dispatch message."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ExecutionStatus(StrEnum):
+    REQUESTED = "REQUESTED"
+    SCHEDULED = "SCHEDULED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {
+        ExecutionStatus.SUCCEEDED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.TIMED_OUT,
+        ExecutionStatus.CANCELLED,
+    }
+)
+
+
+class WorkerStatus(StrEnum):
+    ACTIVE = "ACTIVE"
+    DRAINING = "DRAINING"
+    INACTIVE = "INACTIVE"
+    LOST = "LOST"
+
+
+class DispatchMessage(BaseModel):
+    """What the executor publishes to a worker's queue: a pointer, not the work.
+
+    The worker reads the action and params from Postgres when it claims the attempt,
+    so a late or duplicated message can never carry stale parameters.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: int = Field(1, ge=1, le=1)
+    execution_id: uuid.UUID
+    attempt: int = Field(ge=1)
+    dispatch: int = Field(ge=1)
+
+
+class Execution(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: uuid.UUID
+    action: str
+    params: Any
+    status: ExecutionStatus
+    attempt: int
+    max_attempts: int
+    dispatches: int
+    worker_id: str | None
+    timeout_s: int
+    idempotency_key: str | None
+    not_before: datetime
+    created_at: datetime
+    updated_at: datetime
+    scheduled_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    error: Any
+    reason: str | None
+    checkpoint: Any
+
+
+class HistoryEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    execution_id: uuid.UUID
+    attempt: int
+    dispatch: int
+    from_status: ExecutionStatus | None
+    to_status: ExecutionStatus
+    reason: str
+    actor: str
+    worker_id: str | None
+    at: datetime
+
+
+class Worker(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    hostname: str
+    pid: int
+    status: WorkerStatus
+    runtimes: list[str]
+    actions: list[str]
+    capacity: int
+    memory_bytes: int | None
+    memory_limit_bytes: int | None
+    memory_pressure: bool
+    started_at: datetime
+    last_heartbeat_at: datetime
+    stopped_at: datetime | None
+    status_reason: str | None
+    heartbeat_age_s: float
+    stale: bool
+    in_flight: int

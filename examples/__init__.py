@@ -1,0 +1,1 @@
+"""Example actions, used by `make demo`, the tests and the benchmark."""

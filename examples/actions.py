@@ -1,0 +1,71 @@
+"""Small python actions for the demo, the tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from services.worker.registry import Context, action
+
+
+@action("demo.noop")
+def noop(ctx: Context) -> None:
+    return None
+
+
+@action("demo.add")
+def add(ctx: Context) -> dict[str, Any]:
+    return {"sum": ctx.params["a"] + ctx.params["b"]}
+
+
+@action("demo.echo")
+def echo(ctx: Context) -> Any:
+    return ctx.params
+
+
+@action("demo.sleep")
+def sleep(ctx: Context) -> dict[str, float]:
+    seconds = float(ctx.params.get("seconds", 1))
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+@action("demo.fail")
+def fail(ctx: Context) -> None:
+    raise ValueError(ctx.params.get("message", "failing on purpose"))
+
+
+@action("demo.crash")
+def crash(ctx: Context) -> None:
+    """Dies the way an OOM kill or a segfault would: the worker must survive it."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@action("demo.steps")
+def steps(ctx: Context) -> dict[str, Any]:
+    """Counts to `total`, checkpointing each step; fails once at `fail_at` if given, so a
+    retry shows that it resumes from the checkpoint instead of starting over."""
+    total = int(ctx.params.get("total", 5))
+    done = int((ctx.checkpoint or {}).get("done", 0))
+    fail_at = ctx.params.get("fail_at")
+    started_from = done
+    while done < total:
+        if fail_at is not None and done == fail_at and not ctx.resuming:
+            raise RuntimeError(f"failing at step {done} on purpose")
+        done += 1
+        ctx.save_checkpoint({"done": done})
+        time.sleep(float(ctx.params.get("step_seconds", 0)))
+    return {"done": done, "resumed_from": started_from, "attempt": ctx.attempt}
+
+
+@action("demo.record")
+def record(ctx: Context) -> dict[str, Any]:
+    """Leaves one file per run in params["dir"], so a test can count real runs: creating
+    it exclusively fails loudly if the same attempt ever runs twice."""
+    path = os.path.join(ctx.params["dir"], f"{ctx.execution_id}.{ctx.attempt}")
+    with open(path, "x") as f:
+        f.write(str(os.getpid()))
+    time.sleep(float(ctx.params.get("seconds", 0)))
+    return {"pid": os.getpid()}

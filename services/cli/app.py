@@ -1,0 +1,410 @@
+"""`vigil`: submit and inspect executions, run the services, set up the servers.
+
+Exit codes: 0 success, 1 a failure (a server unavailable, an execution that did not
+succeed), 2 a usage error (nothing was changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import typer
+
+from common import broker, db
+from common.config import (
+    BrokerSettings,
+    DatabaseSettings,
+    ExecutorSettings,
+    SubmitLimits,
+    WorkerSettings,
+)
+from common.db import executions, workers
+from common.db.migrate import migrate
+from common.db.pool import CONNECTION_ERRORS
+from common.errors import DatabaseUnavailable, InvalidInput, VigilError
+from common.models import TERMINAL, Execution, ExecutionStatus
+from services.cli import inputs, output
+
+app = typer.Typer(
+    help="Vigil: a distributed task system where nothing gets stuck, lost or run twice.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+broker_app = typer.Typer(help="RabbitMQ topology.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(broker_app, name="broker")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+CLI_ACTOR = "cli"
+
+
+def main() -> None:
+    app()
+
+
+def _run(coro: Awaitable[T]) -> T:
+    """Run a command's coroutine; turn Vigil's errors into one line and an exit code."""
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+    except VigilError as exc:
+        output.fail(str(exc))
+        raise typer.Exit(1) from None
+
+
+async def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    settings = DatabaseSettings(pool_min_size=1, pool_max_size=2)
+    pool = await db.connect(settings, application_name="vigil-cli")
+    try:
+        return await work(pool)
+    except CONNECTION_ERRORS as exc:
+        raise DatabaseUnavailable(settings.address, exc) from None
+    finally:
+        pool.terminate()
+
+
+def _pooled(fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """Run an async command body with a database pool as its first argument."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return _run(_with_pool(lambda pool: fn(pool, *args, **kwargs)))
+
+    return wrapper
+
+
+# ---- executions ------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    action: Annotated[str, typer.Argument(help="The action to run, e.g. shell or demo.add.")],
+    param: Annotated[list[str] | None, typer.Option(
+        "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).",
+    )] = None,
+    params_json: Annotated[str | None, typer.Option(
+        "--params-json", help="All parameters as a JSON object, or @FILE to read one.",
+    )] = None,
+    max_attempts: Annotated[int, typer.Option(min=1, max=100)] = 3,
+    timeout: Annotated[int, typer.Option(
+        min=1, max=7 * 86_400, help="Start-to-close timeout of each attempt, in seconds.",
+    )] = 3600,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Submitting the same key again returns the existing execution.",
+    )] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the execution to its end; exit 0 only if it succeeded.",
+    )] = False,
+    wait_timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")]
+    = 3600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit an execution of ACTION and print its id."""
+    limits = SubmitLimits()
+    try:
+        action = inputs.parse_action(action, limits.max_action_length)
+        params = inputs.parse_params(param or [], params_json, limits.max_params_bytes)
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+
+    async def body(pool: asyncpg.Pool) -> Execution | None:
+        submitted = await executions.insert(
+            pool, action=action, params=params, max_attempts=max_attempts, timeout_s=timeout,
+            idempotency_key=idempotency_key, actor=CLI_ACTOR,
+        )
+        if not submitted.created:
+            output.warn(f"idempotency key {idempotency_key!r} already used: "
+                        f"returning the existing execution {submitted.id}")
+        if not await workers.offers_action(pool, action):
+            output.warn(f"no live worker offers action {action!r}; "
+                        "the execution waits until one does")
+        if as_json and not wait:
+            output.emit_json({"id": str(submitted.id), "created": submitted.created})
+        elif not as_json:
+            output.console.print(str(submitted.id))
+        if not wait:
+            return None
+        return await _wait_for_end(pool, submitted.id, wait_timeout)
+
+    final = _pooled(body)()
+    if final is None:
+        return
+    if as_json:
+        output.emit_json(final)
+    else:
+        output.console.print(f"{final.status} after attempt {final.attempt}"
+                             + (f": {final.reason}" if final.reason else ""))
+    raise typer.Exit(0 if final.status == ExecutionStatus.SUCCEEDED else 1)
+
+
+async def _wait_for_end(pool: asyncpg.Pool, execution_id: Any, timeout_s: float) -> Execution:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        current = await executions.get(pool, execution_id)
+        assert current is not None
+        if current.status in TERMINAL:
+            return current
+        if time.monotonic() > deadline:
+            raise VigilError(f"execution {execution_id} still {current.status} "
+                             f"after {timeout_s:g}s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+@app.command("ls")
+def list_executions(
+    status: Annotated[ExecutionStatus | None, typer.Option(case_sensitive=False)] = None,
+    action: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent executions, newest first."""
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> list[Execution]:
+        return await executions.list_recent(pool, status=status, action=action, limit=limit)
+
+    rows = body()
+    if as_json:
+        output.emit_json(rows)
+        return
+    output.table(None, ["id", "action", "status", "attempt", "worker", "created", "reason"], [
+        (e.id, e.action, e.status, f"{e.attempt}/{e.max_attempts}", e.worker_id,
+         output.when(e.created_at), e.reason) for e in rows
+    ])
+
+
+@app.command()
+def show(
+    execution_id: Annotated[str, typer.Argument(help="The execution's id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one execution with its whole history."""
+    try:
+        eid = inputs.parse_execution_id(execution_id)
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> tuple[Execution, list, bool]:
+        e = await executions.get(pool, eid)
+        if e is None:
+            raise VigilError(f"no execution {eid}")
+        return e, await executions.history(pool, eid), await workers.offers_action(pool, e.action)
+
+    e, hist, offered = body()
+    if as_json:
+        output.emit_json({"execution": e, "history": hist})
+        return
+    fields = [
+        ("id", e.id), ("action", e.action), ("status", e.status),
+        ("attempt", f"{e.attempt} of {e.max_attempts}"), ("dispatches", e.dispatches),
+        ("worker", e.worker_id), ("reason", e.reason), ("created", output.when(e.created_at)),
+        ("started", output.when(e.started_at)), ("finished", output.when(e.finished_at)),
+        ("params", e.params), ("result", e.result), ("error", e.error),
+    ]
+    if e.status == ExecutionStatus.REQUESTED and not offered:
+        fields.append(("waiting", f"for a worker offering {e.action!r}"))
+    for name, value in fields:
+        if value not in (None, ""):
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            output.console.print(f"{name:>10}  {text}", markup=False)
+    output.table("history", ["at", "attempt", "dispatch", "from", "to", "reason", "by"], [
+        (output.when(h.at), h.attempt, h.dispatch, h.from_status or "", h.to_status, h.reason,
+         h.actor) for h in hist
+    ])
+
+
+@app.command()
+def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
+    """Cancel an execution in any non-terminal state; a running child is killed."""
+    try:
+        eid = inputs.parse_execution_id(execution_id)
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> None:
+        was = await executions.cancel(pool, eid, CLI_ACTOR)
+        if was is None:
+            e = await executions.get(pool, eid)
+            raise VigilError(f"no execution {eid}" if e is None
+                             else f"execution {eid} is already {e.status}")
+        output.console.print(f"cancelled {eid} (was {was})")
+
+    body()
+
+
+@app.command()
+def retry(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
+    """Run a FAILED, TIMED_OUT or CANCELLED execution again, as a new attempt."""
+    try:
+        eid = inputs.parse_execution_id(execution_id)
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> None:
+        attempt = await executions.retry(pool, eid, CLI_ACTOR)
+        if attempt is None:
+            e = await executions.get(pool, eid)
+            raise VigilError(f"no execution {eid}" if e is None
+                             else f"execution {eid} is {e.status}; only FAILED, TIMED_OUT or "
+                                  "CANCELLED executions can be retried")
+        output.console.print(f"{eid} requested again as attempt {attempt}")
+
+    body()
+
+
+@app.command("workers")
+def list_workers(as_json: JsonOpt = False) -> None:
+    """List workers: status, heartbeat age, in-flight/capacity, runtimes."""
+    stale_after_s = ExecutorSettings().stale_after_s
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> list:
+        return await workers.list_all(pool, stale_after_s)
+
+    rows = body()
+    if as_json:
+        output.emit_json(rows)
+        return
+    output.table(None, ["id", "status", "heartbeat", "in flight", "runtimes", "memory",
+                        "host/pid"], [
+        (w.id, f"{w.status}{' (stale)' if w.stale and w.status == 'ACTIVE' else ''}",
+         f"{output.seconds(w.heartbeat_age_s)} ago", f"{w.in_flight}/{w.capacity}",
+         ",".join(w.runtimes), _memory(w.memory_bytes, w.memory_limit_bytes,
+                                       w.memory_pressure), f"{w.hostname}/{w.pid}")
+        for w in rows
+    ])
+
+
+def _memory(used: int | None, limit: int | None, pressure: bool) -> str:
+    if used is None:
+        return ""
+    text = f"{used / 2**20:.0f}MiB" + (f"/{limit / 2**20:.0f}MiB" if limit else "")
+    return text + (" PRESSURE" if pressure else "")
+
+
+@app.command()
+def stats(as_json: JsonOpt = False) -> None:
+    """Count executions by state."""
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> dict:
+        return await executions.count_by_status(pool)
+
+    counts = body()
+    if as_json:
+        output.emit_json({str(k): v for k, v in counts.items()})
+        return
+    output.table(None, ["status", "count"], [(k, v) for k, v in counts.items()])
+
+
+# ---- services --------------------------------------------------------------------------
+
+
+@app.command()
+def executor(
+    name: Annotated[str | None, typer.Option(help="Name shown in logs and the broker UI.")]
+    = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz.")]
+    = None,
+    log_level: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run an executor: dispatch, timeout monitor, dead letters, worker events."""
+    from services.executor.main import run_executor
+
+    overrides = {"name": name, "metrics_port": metrics_port}
+    settings = _settings(ExecutorSettings, overrides)
+    run_executor(settings, DatabaseSettings(), BrokerSettings(), log_level)
+
+
+@app.command()
+def worker(
+    runtime: Annotated[str | None, typer.Option(
+        help="Comma-separated runtimes to offer: shell, python.")] = None,
+    capacity: Annotated[int | None, typer.Option(help="Attempts to run at once.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name shown in logs and the broker UI.")]
+    = None,
+    actions: Annotated[list[str] | None, typer.Option(
+        help="Python module that registers actions (repeatable).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz.")]
+    = None,
+    log_level: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a worker that offers the given runtimes and actions."""
+    from services.worker.main import RUNTIMES, run_worker
+
+    overrides: dict[str, Any] = {"name": name, "capacity": capacity,
+                                 "action_modules": actions, "metrics_port": metrics_port}
+    if runtime is not None:
+        try:
+            overrides["runtimes"] = inputs.parse_runtimes(runtime, RUNTIMES)
+        except InvalidInput as exc:
+            output.fail(str(exc))
+            raise typer.Exit(2) from None
+    settings = _settings(WorkerSettings, overrides)
+    run_worker(settings, DatabaseSettings(), BrokerSettings(), log_level)
+
+
+def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
+    """Settings from the environment, with the flags that were given on top."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        output.fail(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+# ---- set-up ----------------------------------------------------------------------------
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (safe to run from several processes at once)."""
+
+    @_pooled
+    async def body(pool: asyncpg.Pool) -> list[int]:
+        async with pool.acquire() as conn:
+            return await migrate(conn)
+
+    applied = body()
+    output.console.print(f"applied migrations {applied}" if applied else "schema up to date")
+
+
+@broker_app.command("setup")
+def broker_setup() -> None:
+    """Declare exchanges, the dead-letter queue and the worker-queue policy (idempotent)."""
+    settings = BrokerSettings()
+
+    async def body() -> None:
+        connection = await broker.connect(settings, "vigil-cli setup")
+        try:
+            await broker.declare_topology(await connection.channel())
+        finally:
+            await connection.close()
+        await asyncio.to_thread(broker.put_worker_policy, settings)
+
+    _run(body())
+    output.console.print(f"broker topology declared on vhost {settings.vhost!r}")
+

@@ -1,0 +1,73 @@
+"""Parsing what a user types into validated values; every problem is an InvalidInput."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common.errors import InvalidInput
+
+
+def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> dict[str, Any]:
+    """Merge --params-json (JSON text or @file) with -p key=value pairs (values are JSON
+    when they parse as JSON, else strings). The result must be a JSON object."""
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        text = params_json
+        if params_json.startswith("@"):
+            path = Path(params_json[1:])
+            try:
+                if path.stat().st_size > max_bytes:
+                    raise InvalidInput(f"params file {path} is over {max_bytes} bytes")
+                text = path.read_text()
+            except OSError as exc:
+                raise InvalidInput(f"cannot read params file {path}: {exc.strerror}") from None
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(
+                f"--params-json is not valid JSON: {exc.msg} at line {exc.lineno} "
+                f"column {exc.colno}"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise InvalidInput("--params-json must be a JSON object")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"-p {pair!r}: expected key=value")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    size = len(json.dumps(params).encode())
+    if size > max_bytes:
+        raise InvalidInput(f"params are {size} bytes, over the limit of {max_bytes} bytes")
+    return params
+
+
+def parse_action(action: str, max_length: int) -> str:
+    if not action.strip():
+        raise InvalidInput("action name is empty")
+    if len(action) > max_length:
+        raise InvalidInput(f"action name is over {max_length} characters")
+    return action
+
+
+def parse_execution_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not an execution id (a UUID)") from None
+
+
+def parse_runtimes(text: str, known: tuple[str, ...]) -> list[str]:
+    runtimes = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in runtimes if r not in known]
+    if not runtimes or unknown:
+        raise InvalidInput(
+            f"--runtime must list some of {', '.join(known)}; got {text!r}"
+        )
+    return runtimes

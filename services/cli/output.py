@@ -1,0 +1,55 @@
+"""How the CLI shows things: rich tables for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+# Piped output keeps whole lines instead of wrapping at 80 columns.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(value: Any) -> None:
+    def default(o: Any) -> Any:
+        if isinstance(o, BaseModel):
+            return o.model_dump(mode="json")
+        if isinstance(o, datetime):
+            return o.isoformat()
+        return str(o)
+
+    sys.stdout.write(json.dumps(value, default=default, indent=2) + "\n")
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    console.print(t)
+
+
+def when(t: datetime | None) -> str:
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t else ""
+
+
+def seconds(s: float | None) -> str:
+    if s is None:
+        return ""
+    return f"{s * 1000:.0f}ms" if s < 1 else f"{s:.1f}s"
+
+
+def warn(message: str) -> None:
+    errors.print(f"warning: {message}", markup=False)
+
+
+def fail(message: str) -> None:
+    errors.print(f"error: {message}", markup=False)

@@ -1,0 +1,1 @@
+"""The executor: dispatch, timeout monitor, dead letters and worker events."""

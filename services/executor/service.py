@@ -1,0 +1,137 @@
+"""The executor process: independent loops over one pool and one broker connection.
+
+Dispatch, the timeout monitor, dead-letter handling and worker events each run on
+their own (seed 000): one stuck or failing loop never holds up another. Any number of
+executors may run; they share nothing but Postgres rows, guarded by compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aio_pika.abc import AbstractRobustConnection
+
+from common import broker, db
+from common.config import BrokerSettings, DatabaseSettings, ExecutorSettings
+from common.loops import run_loop
+from services.executor.dead_letters import DeadLetterHandler
+from services.executor.dispatcher import Dispatcher
+from services.executor.monitor import TimeoutMonitor
+from services.executor.worker_events import EVENT_EXCHANGE, WorkerEventHandler
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "vigil_dispatch"
+LISTENER_CHECK_INTERVAL_S = 1.0
+
+
+class Executor:
+    def __init__(
+        self, settings: ExecutorSettings, db_settings: DatabaseSettings,
+        broker_settings: BrokerSettings,
+    ) -> None:
+        self.settings = settings
+        self.db_settings = db_settings
+        self.broker_settings = broker_settings
+        self.id = f"{settings.name}-{uuid.uuid4().hex[:8]}"
+        self.actor = f"executor:{self.id}"
+        self._dispatch_now = asyncio.Event()
+        self._sweep_now = asyncio.Event()
+        self._stop_loops = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pool: asyncpg.Pool | None = None
+        self._connections: list[AbstractRobustConnection] = []
+        self._listener: asyncpg.Connection | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def start(self) -> None:
+        s = self.settings
+        pool = self._pool = await db.connect(
+            self.db_settings, application_name=f"vigil-executor {self.id}"
+        )
+        connection = await broker.connect(self.broker_settings, f"vigil-executor {self.id}")
+        self._connections.append(connection)
+
+        publish_channel = await connection.channel(publisher_confirms=True,
+                                                   on_return_raises=True)
+        dispatch_exchange = await broker.declare_topology(publish_channel)
+        publisher = broker.Publisher(dispatch_exchange, self.broker_settings.publish_timeout_s)
+        dispatcher = Dispatcher(pool, publisher, s, self.actor)
+        monitor = TimeoutMonitor(pool, s, self.actor)
+
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=100)
+        dead_letters = await consume_channel.declare_queue(broker.DEAD_LETTER_QUEUE, durable=True)
+        await dead_letters.consume(DeadLetterHandler(pool, s, self.actor).handle)
+        if s.worker_events:
+            await self._follow_worker_events()
+
+        self._tasks = [
+            self._loop("dispatch", dispatcher.dispatch_due, s.dispatch_poll_interval_s,
+                       self._dispatch_now),
+            self._loop("timeout_monitor", monitor.sweep, s.monitor_interval_s, self._sweep_now),
+            self._loop("dispatch_listener", self._keep_listening, LISTENER_CHECK_INTERVAL_S),
+        ]
+        log.info("executor %s ready", self.id, extra={"event": "executor_ready"})
+
+    def _loop(
+        self, name: str, body: Callable[[], Awaitable[None]], interval_s: float,
+        wake: asyncio.Event | None = None,
+    ) -> asyncio.Task[None]:
+        return asyncio.create_task(
+            run_loop(name, body, interval_s=interval_s, stop=self._stop_loops, wake=wake),
+            name=name,
+        )
+
+    async def _follow_worker_events(self) -> None:
+        """Bind a private queue to the broker's connection.closed events. They are
+        published in one vhost (event_exchange.vhost) for connections of every vhost."""
+        settings = self.broker_settings.model_copy(
+            update={"vhost": self.broker_settings.event_vhost}
+        )
+        connection = await broker.connect(settings, f"vigil-executor-events {self.id}")
+        self._connections.append(connection)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(
+            f"vigil.executor-events.{self.id}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(EVENT_EXCHANGE, routing_key="connection.closed")
+        assert self._pool is not None
+        handler = WorkerEventHandler(self._pool, self._sweep_now.set,
+                                     vhost=self.broker_settings.vhost)
+        await queue.consume(handler.handle)
+
+    async def _keep_listening(self) -> None:
+        """Hold a LISTEN connection so new work wakes dispatch at once; reconnect it
+        after a database restart (the poll interval covers the gap)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        conn = await asyncpg.connect(
+            host=self.db_settings.host, port=self.db_settings.port,
+            user=self.db_settings.user, password=self.db_settings.password.get_secret_value(),
+            database=self.db_settings.name, timeout=self.db_settings.connect_timeout_s,
+        )
+        await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._dispatch_now.set())
+        self._listener = conn
+        self._dispatch_now.set()  # anything committed while we were not listening
+
+    async def shutdown(self) -> None:
+        self._stop_loops.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in self._connections:
+            await connection.close()
+        if self._listener is not None and not self._listener.is_closed():
+            await self._listener.close()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("executor %s stopped", self.id, extra={"event": "executor_stopped"})

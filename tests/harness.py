@@ -1,0 +1,271 @@
+"""Test harness: one database and one vhost per test, and real service processes.
+
+The servers are the ones `make up` started (scripts/stack.sh); each test gets its own
+database, cloned from a migrated template, and its own RabbitMQ vhost, so tests never
+see each other's rows or queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+
+from common import broker, db
+from common.config import BrokerSettings, DatabaseSettings
+from common.db import executions
+from common.models import TERMINAL, ExecutionStatus
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE_DB = "vigil_template"
+ADMIN_USER = os.environ.get("VIGIL_AMQP_ADMIN_USER", "vigil-admin")
+ADMIN_PASSWORD = os.environ.get("VIGIL_AMQP_ADMIN_PASSWORD", "vigil-admin")
+
+# Deadlines shortened for tests, so that failure handling shows within seconds.
+FAST_TIMINGS = {
+    "VIGIL_WORKER_HEARTBEAT_INTERVAL_S": "1",
+    "VIGIL_EXECUTOR_HEARTBEAT_INTERVAL_S": "1",
+    "VIGIL_EXECUTOR_DISPATCH_POLL_INTERVAL_S": "0.5",
+    "VIGIL_EXECUTOR_MONITOR_INTERVAL_S": "0.5",
+    "VIGIL_WORKER_RETRY_BASE_DELAY_S": "0.1",
+    "VIGIL_WORKER_RETRY_MAX_DELAY_S": "0.5",
+    "VIGIL_WORKER_SHUTDOWN_GRACE_S": "10",
+}
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], *, timeout: float, interval: float = 0.1,
+    what: str = "condition",
+) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def management(path: str, method: str = "GET", body: Any = None) -> Any:
+    """Call the RabbitMQ management API as the admin user."""
+    return broker.management_api(BrokerSettings(), path, method=method, body=body,
+                                 user=ADMIN_USER, password=ADMIN_PASSWORD)
+
+
+@dataclass
+class Proc:
+    """A service process started by a test."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, grace: float) -> None:
+        """Stop it as an operator would: SIGTERM, then SIGKILL after `grace` seconds."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.stop()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+@dataclass
+class Env:
+    """One test's database, vhost and processes."""
+
+    name: str
+    db: DatabaseSettings
+    broker: BrokerSettings
+    tmp: Path
+    pool: asyncpg.Pool | None = None
+    procs: list[Proc] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def environ(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+        env.update({
+            "VIGIL_DB_HOST": self.db.host, "VIGIL_DB_PORT": str(self.db.port),
+            "VIGIL_DB_USER": self.db.user,
+            "VIGIL_DB_PASSWORD": self.db.password.get_secret_value(),
+            "VIGIL_DB_NAME": self.db.name,
+            "VIGIL_AMQP_HOST": self.broker.host, "VIGIL_AMQP_PORT": str(self.broker.port),
+            "VIGIL_AMQP_USER": self.broker.user,
+            "VIGIL_AMQP_PASSWORD": self.broker.password.get_secret_value(),
+            "VIGIL_AMQP_VHOST": self.broker.vhost,
+            "VIGIL_AMQP_EVENT_VHOST": self.broker.event_vhost,
+            "VIGIL_AMQP_MANAGEMENT_PORT": str(self.broker.management_port),
+            "PYTHONPATH": str(REPO),
+            **FAST_TIMINGS,
+            **self.extra_env,
+            **overrides,
+        })
+        return env
+
+    def start(self, *args: str, name: str | None = None, **env: str) -> Proc:
+        """Start `vigil ARGS...` as a real process with this test's settings."""
+        label = name or f"{args[0]}-{len(self.procs)}"
+        log_path = self.tmp / f"{label}.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *args],
+                env=self.environ(**env), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=REPO,
+            )
+        proc = Proc(label, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def executor(self, name: str = "executor", **env: str) -> Proc:
+        return self.start("executor", "--name", name, name=name, **env)
+
+    def worker(
+        self, name: str, *, capacity: int = 4, runtimes: str = "shell,python", **env: str
+    ) -> Proc:
+        return self.start("worker", "--name", name, "--capacity", str(capacity),
+                          "--runtime", runtimes, name=name, **env)
+
+    def cli(self, *args: str, input: str | None = None, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args], env=self.environ(**env),
+            capture_output=True, text=True, input=input, timeout=60, cwd=REPO,
+        )
+
+    async def live_workers(self, n: int, timeout: float = 30) -> list[str]:
+        """Wait until n workers are ACTIVE; return their ids."""
+        assert self.pool is not None
+        pool = self.pool
+
+        async def check() -> list[str] | None:
+            rows = await pool.fetch("SELECT id FROM workers WHERE status = 'ACTIVE'")
+            return [r["id"] for r in rows] if len(rows) >= n else None
+
+        return await wait_until(check, timeout=timeout, what=f"{n} active workers")
+
+    async def submit(self, action: str, params: Any = None, n: int = 1, **kw: Any) -> list:
+        assert self.pool is not None
+        ids = []
+        for _ in range(n):
+            s = await executions.insert(
+                self.pool, action=action, params=params or {},
+                max_attempts=kw.get("max_attempts", 3), timeout_s=kw.get("timeout_s", 3600),
+                idempotency_key=kw.get("idempotency_key"), actor="test",
+            )
+            ids.append(s.id)
+        return ids
+
+    async def all_terminal(self, ids: list, timeout: float) -> dict[ExecutionStatus, int]:
+        """Wait for every execution to end; return the count of each final state."""
+        assert self.pool is not None
+        pool = self.pool
+
+        async def check() -> dict[ExecutionStatus, int] | None:
+            rows = await pool.fetch(
+                "SELECT status, count(*) AS n FROM executions WHERE id = ANY($1) "
+                "GROUP BY status", ids)
+            counts = {ExecutionStatus(r["status"]): r["n"] for r in rows}
+            done = sum(n for s, n in counts.items() if s in TERMINAL)
+            return counts if done == len(ids) else None
+
+        return await wait_until(check, timeout=timeout, interval=0.2,
+                                what=f"{len(ids)} executions to end")
+
+
+async def _connect(database: str | None = None) -> asyncpg.Connection:
+    s = DatabaseSettings()
+    return await asyncpg.connect(host=s.host, port=s.port, user=s.user,
+                                 password=s.password.get_secret_value(),
+                                 database=database or s.name)
+
+
+async def local_env(tmp: Path) -> Env:
+    """The local stack's own database and vhost, as `vigil` uses them by default."""
+    env = Env(name="vigil", db=DatabaseSettings(), broker=BrokerSettings(), tmp=tmp)
+    env.pool = await db.connect(env.db, application_name="vigil-demo")
+    return env
+
+
+async def create_env(tmp: Path) -> Env:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    base_db = DatabaseSettings()
+    admin = await _connect()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    finally:
+        await admin.close()
+    base_broker = BrokerSettings()
+    management(f"vhosts/{name}", "PUT", {})
+    management(f"permissions/{name}/{quote(base_broker.user, safe='')}", "PUT",
+               {"configure": ".*", "write": ".*", "read": ".*"})
+    env = Env(
+        name=name,
+        db=base_db.model_copy(update={"name": name}),
+        broker=base_broker.model_copy(update={"vhost": name}),
+        tmp=tmp,
+    )
+    broker.put_worker_policy(env.broker, user=ADMIN_USER, password=ADMIN_PASSWORD)
+    env.pool = await db.connect(env.db.model_copy(update={"pool_max_size": 5}),
+                                application_name="vigil-tests")
+    return env
+
+
+async def destroy_env(env: Env) -> None:
+    for proc in env.procs:
+        proc.stop()
+    if env.pool is not None:
+        await env.pool.close()
+    admin = await _connect()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{env.name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    management(f"vhosts/{env.name}", "DELETE")
+
+
+async def create_template() -> None:
+    """(Re)create the migrated template database the tests clone."""
+    from common.db.migrate import migrate
+
+    admin = await _connect()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await admin.close()
+    conn = await _connect(TEMPLATE_DB)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()

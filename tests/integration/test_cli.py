@@ -1,0 +1,88 @@
+"""The CLI as a user runs it: a real process against the real servers."""
+
+import json
+import uuid
+
+import pytest
+
+from tests.harness import Env
+
+
+async def count(env: Env, table: str) -> int:
+    return await env.pool.fetchval(f"SELECT count(*) FROM {table}")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["submit", "demo.add", "--params-json", "{bad"], "not valid JSON"),
+    (["submit", "demo.add", "-p", "novalue"], "expected key=value"),
+    (["submit", ""], "action name is empty"),
+    (["submit", "demo.add", "--params-json", "@{tmp}/big.json"], "over the limit"),
+    (["show", "not-a-uuid"], "not an execution id"),
+    (["worker", "--runtime", "cobol"], "--runtime"),
+])
+async def test_usage_errors_exit_2_with_one_line_and_write_nothing(env: Env, args, message):
+    (env.tmp / "big.json").write_text(json.dumps({"x": "y" * 1_048_576}))
+    result = env.cli(*(a.format(tmp=env.tmp) for a in args))
+
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert await count(env, "executions") == 0
+
+
+@pytest.mark.parametrize("command", [["ls"], ["submit", "demo.add"], ["workers"], ["stats"]])
+async def test_database_down_exits_1_naming_the_address_without_secrets(env: Env, command):
+    result = env.cli(*command, VIGIL_DB_PORT="1", VIGIL_DB_PASSWORD="s3cret-pw")
+    assert result.returncode == 1
+    assert "database unavailable at 127.0.0.1:1" in result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+async def test_broker_down_exits_1_naming_the_address_without_secrets(env: Env):
+    result = env.cli("broker", "setup", VIGIL_AMQP_PORT="1", VIGIL_AMQP_PASSWORD="s3cret-pw")
+    assert result.returncode == 1
+    assert "broker unavailable at 127.0.0.1:1" in result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+async def test_submit_without_a_worker_warns_and_show_says_what_it_waits_for(env: Env):
+    result = env.cli("submit", "nobody.offers.this", "-p", "a=1")
+    assert result.returncode == 0, result.stderr
+    assert "no live worker offers action 'nobody.offers.this'" in result.stderr
+    eid = uuid.UUID(result.stdout.strip())
+    shown = env.cli("show", str(eid))
+    assert "waits" not in shown.stderr
+    assert "for a worker offering 'nobody.offers.this'" in shown.stdout
+    assert "REQUESTED" in shown.stdout and "submitted" in shown.stdout
+    listed = json.loads(env.cli("ls", "--json").stdout)
+    assert [e["id"] for e in listed] == [str(eid)]
+    assert listed[0]["params"] == {"a": 1}
+
+
+async def test_idempotency_key_returns_the_existing_execution(env: Env):
+    first = env.cli("submit", "demo.noop", "--idempotency-key", "k1", "--json")
+    second = env.cli("submit", "demo.noop", "--idempotency-key", "k1", "--json")
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["id"] == b["id"] and a["created"] and not b["created"]
+    assert "already used" in second.stderr
+    assert await count(env, "executions") == 1
+
+
+async def test_show_of_an_unknown_execution_fails(env: Env):
+    result = env.cli("show", str(uuid.uuid4()))
+    assert result.returncode == 1 and "no execution" in result.stderr
+
+
+async def test_migrate_is_idempotent(env: Env):
+    result = env.cli("db", "migrate")
+    assert result.returncode == 0 and "up to date" in result.stdout
+
+
+async def test_every_command_has_help(env: Env):
+    for command in ["submit", "ls", "show", "cancel", "retry", "workers", "stats",
+                    "executor", "worker", "db", "broker"]:
+        result = env.cli(command, "--help")
+        assert result.returncode == 0, command
+        assert "Usage" in result.stdout

@@ -1,0 +1,177 @@
+"""Submit, dispatch, run and record, end to end on the real servers."""
+
+import json
+import uuid
+
+import aio_pika
+
+from common import broker
+from common.db import executions
+from common.models import ExecutionStatus
+from tests.harness import Env, wait_until
+
+
+async def test_500_executions_over_2_workers_all_succeed(env: Env):
+    env.executor()
+    env.worker("w1", capacity=8)
+    env.worker("w2", capacity=8)
+    await env.live_workers(2)
+    ids = await env.submit("demo.noop", n=500)
+    counts = await env.all_terminal(ids, timeout=180)
+    assert counts == {ExecutionStatus.SUCCEEDED: 500}
+    per_worker = await env.pool.fetch(
+        "SELECT worker_id, count(*) AS n FROM executions GROUP BY worker_id")
+    assert len(per_worker) == 2 and all(r["n"] > 50 for r in per_worker)
+    # Each ran exactly once: one attempt, one dispatch, one RUNNING in the history.
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM executions WHERE attempt <> 1 OR dispatches <> 1") == 0
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE to_status = 'RUNNING'") == 500
+
+
+async def test_python_result_and_shell_output_round_trip(env: Env):
+    env.executor()
+    env.worker("w1")
+    await env.live_workers(1)
+    [add] = await env.submit("demo.add", {"a": 2, "b": 40})
+    [sh] = await env.submit("shell", {"argv": ["sh", "-c", "echo out; echo err >&2"]})
+    await env.all_terminal([add, sh], timeout=30)
+    a = await executions.get(env.pool, add)
+    s = await executions.get(env.pool, sh)
+    assert (a.status, a.result, a.reason) == (ExecutionStatus.SUCCEEDED, {"sum": 42}, "succeeded")
+    assert s.result == {"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}
+    history = [(h.from_status, h.to_status) for h in await executions.history(env.pool, add)]
+    assert history == [(None, "REQUESTED"), ("REQUESTED", "SCHEDULED"),
+                       ("SCHEDULED", "RUNNING"), ("RUNNING", "SUCCEEDED")]
+
+
+async def test_failures_are_recorded_and_the_worker_keeps_working(env: Env):
+    env.executor()
+    env.worker("w1", capacity=2)
+    await env.live_workers(1)
+    [raises] = await env.submit("demo.fail", {"message": "boom"}, max_attempts=1)
+    [exits] = await env.submit("shell", {"argv": ["sh", "-c", "exit 7"]}, max_attempts=1)
+    [missing] = await env.submit("shell", {"argv": ["/no/such/binary"]})
+    [crash] = await env.submit("demo.crash", max_attempts=1)
+    await env.all_terminal([raises, exits, missing, crash], timeout=30)
+    r = await executions.get(env.pool, raises)
+    assert r.status == ExecutionStatus.FAILED
+    assert (r.error["type"], r.error["message"]) == ("ValueError", "boom")
+    assert "Traceback" in r.error["traceback"]
+    e = await executions.get(env.pool, exits)
+    assert (e.status, e.error["kind"], e.error["exit_code"]) == ("FAILED", "exit_code", 7)
+    m = await executions.get(env.pool, missing)
+    # A missing command fails the same way every time: not retried.
+    assert (m.status, m.error["kind"], m.attempt) == ("FAILED", "command_not_found", 1)
+    c = await executions.get(env.pool, crash)
+    assert (c.status, c.error["kind"]) == ("FAILED", "killed")
+    [after] = await env.submit("demo.add", {"a": 1, "b": 1})
+    assert await env.all_terminal([after], timeout=30) == {ExecutionStatus.SUCCEEDED: 1}
+
+
+async def test_failed_attempts_are_retried_with_backoff_until_max_attempts(env: Env):
+    env.executor()
+    env.worker("w1")
+    await env.live_workers(1)
+    [eid] = await env.submit("demo.fail", max_attempts=3)
+    await env.all_terminal([eid], timeout=30)
+    e = await executions.get(env.pool, eid)
+    assert (e.status, e.attempt, e.reason) == (ExecutionStatus.FAILED, 3, "action_error")
+    runs = await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE execution_id = $1 "
+        "AND to_status = 'RUNNING'", eid)
+    assert runs == 3
+
+
+async def test_a_retry_resumes_from_the_last_checkpoint(env: Env):
+    env.executor()
+    env.worker("w1")
+    await env.live_workers(1)
+    [eid] = await env.submit("demo.steps", {"total": 5, "fail_at": 3})
+    await env.all_terminal([eid], timeout=30)
+    e = await executions.get(env.pool, eid)
+    assert e.status == ExecutionStatus.SUCCEEDED
+    assert e.result == {"done": 5, "resumed_from": 3, "attempt": 2}
+
+
+async def test_bad_messages_in_a_worker_queue_are_rejected_and_it_keeps_consuming(env: Env):
+    env.executor()
+    w = env.worker("w1")
+    [worker_id] = await env.live_workers(1)
+    connection = await broker.connect(env.broker, "vigil-tests")
+    try:
+        channel = await connection.channel()
+        stale = json.dumps({"v": 1, "execution_id": str(uuid.uuid4()), "attempt": 1,
+                            "dispatch": 1}).encode()
+        for body in [b"not json", b'{"v": 1}', stale]:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body), routing_key=broker.worker_queue(worker_id))
+    finally:
+        await connection.close()
+    [eid] = await env.submit("demo.add", {"a": 1, "b": 2})
+    assert await env.all_terminal([eid], timeout=30) == {ExecutionStatus.SUCCEEDED: 1}
+    assert w.popen.poll() is None
+
+    async def rejections_logged() -> str | None:
+        text = w.log()
+        return text if text.count("rejected") >= 2 else None
+
+    log = await wait_until(rejections_logged, timeout=10, what="rejections logged")
+    assert "rejected malformed message" in log and "rejected stale message" in log
+
+
+async def test_a_fenced_update_with_a_stale_token_changes_nothing(env: Env):
+    [eid] = await env.submit("demo.noop")
+    # No worker: put it in SCHEDULED by hand, as an executor would.
+    await env.pool.execute(
+        "UPDATE executions SET status = 'SCHEDULED', worker_id = 'w-a', dispatches = 1 "
+        "WHERE id = $1", eid)
+    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
+                                  worker_id="w-b") is None  # wrong worker
+    assert await executions.start(env.pool, execution_id=eid, attempt=2, dispatch=1,
+                                  worker_id="w-a") is None  # wrong attempt
+    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
+                                  worker_id="w-a") is not None
+    before = await executions.get(env.pool, eid)
+    stale = await executions.finish(
+        env.pool, execution_id=eid, attempt=1, dispatch=1, worker_id="w-b",
+        status=ExecutionStatus.SUCCEEDED, retry_delay_s=None, result={"x": 1}, error=None,
+        reason="succeeded")
+    assert stale is None
+    assert await executions.get(env.pool, eid) == before
+
+
+async def test_two_executors_on_one_backlog_dispatch_each_execution_once(env: Env):
+    ids = await env.submit("demo.noop", n=400)
+    env.executor("e1")
+    env.executor("e2")
+    env.worker("w1", capacity=8)
+    env.worker("w2", capacity=8)
+    counts = await env.all_terminal(ids, timeout=180)
+    assert counts == {ExecutionStatus.SUCCEEDED: 400}
+    dispatched_by = await env.pool.fetch(
+        "SELECT actor, count(*) AS n FROM execution_history WHERE to_status = 'SCHEDULED' "
+        "GROUP BY actor")
+    assert sum(r["n"] for r in dispatched_by) == 400
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM executions WHERE dispatches <> 1") == 0
+
+
+async def test_a_worker_never_runs_more_than_its_capacity(env: Env):
+    env.executor()
+    env.worker("w1", capacity=3)
+    await env.live_workers(1)
+    await env.submit("demo.sleep", {"seconds": 0.3}, n=12)
+    peak = 0
+
+    async def sample():
+        nonlocal peak
+        running = await env.pool.fetchval(
+            "SELECT count(*) FROM executions WHERE status = 'RUNNING'")
+        peak = max(peak, running)
+        done = await env.pool.fetchval(
+            "SELECT count(*) FROM executions WHERE status = 'SUCCEEDED'")
+        return done == 12
+
+    await wait_until(sample, timeout=60, interval=0.05, what="all 12 done")
+    assert 1 <= peak <= 3

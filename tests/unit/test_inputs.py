@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from common.errors import InvalidInput
+from services.cli.inputs import parse_action, parse_execution_id, parse_params, parse_runtimes
+
+MiB = 1_048_576
+
+
+def test_pairs_are_json_when_they_parse_and_strings_otherwise() -> None:
+    assert parse_params(["n=5", "name=bob", 'argv=["echo","hi"]'], None, MiB) == {
+        "n": 5, "name": "bob", "argv": ["echo", "hi"]}
+
+
+def test_pairs_override_params_json() -> None:
+    assert parse_params(["a=2"], '{"a": 1, "b": 3}', MiB) == {"a": 2, "b": 3}
+
+
+def test_params_json_from_file(tmp_path) -> None:
+    f = tmp_path / "p.json"
+    f.write_text('{"x": [1, 2]}')
+    assert parse_params([], f"@{f}", MiB) == {"x": [1, 2]}
+
+
+@pytest.mark.parametrize(("pairs", "params_json", "message"), [
+    ([], "{bad", "not valid JSON"),
+    ([], "[1, 2]", "must be a JSON object"),
+    (["novalue"], None, "expected key=value"),
+    (["=1"], None, "expected key=value"),
+    ([], "@/nonexistent/file.json", "cannot read params file"),
+])
+def test_bad_params_name_the_problem(pairs, params_json, message) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_params(pairs, params_json, MiB)
+
+
+def test_params_over_the_limit_are_refused() -> None:
+    big = json.dumps({"blob": "x" * MiB})
+    with pytest.raises(InvalidInput, match="over the limit"):
+        parse_params([], big, MiB)
+
+
+def test_action_and_ids_and_runtimes() -> None:
+    assert parse_action("demo.add", 200) == "demo.add"
+    with pytest.raises(InvalidInput, match="empty"):
+        parse_action("  ", 200)
+    with pytest.raises(InvalidInput, match="over 200"):
+        parse_action("a" * 201, 200)
+    with pytest.raises(InvalidInput, match="not an execution id"):
+        parse_execution_id("nope")
+    assert parse_runtimes("shell, python", ("shell", "python")) == ["shell", "python"]
+    with pytest.raises(InvalidInput, match="--runtime"):
+        parse_runtimes("shell,ruby", ("shell", "python"))
