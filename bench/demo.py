@@ -62,9 +62,9 @@ async def run(env: Env) -> int:
         if result.returncode != 0:
             print(f"vigil {' '.join(step)} failed:\n{result.stderr}", file=sys.stderr)
             return 1
-    env.executor(metrics_port=str(METRICS_PORTS["executor"]))
-    a = env.worker("worker-a", capacity=8, metrics_port=str(METRICS_PORTS["worker-a"]))
-    env.worker("worker-b", capacity=8, metrics_port=str(METRICS_PORTS["worker-b"]))
+    env.executor(metrics_port=METRICS_PORTS["executor"])
+    a = env.worker("worker-a", capacity=8, metrics_port=METRICS_PORTS["worker-a"])
+    env.worker("worker-b", capacity=8, metrics_port=METRICS_PORTS["worker-b"])
     print("started an executor and two workers (worker-a, worker-b); waiting for them...")
     before = {r["id"] for r in await env.pool.fetch("SELECT id FROM workers")}
 

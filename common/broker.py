@@ -68,9 +68,7 @@ async def connect(settings: BrokerSettings, connection_name: str) -> AbstractRob
     """A robust (self-reconnecting) connection, named for the management UI."""
     try:
         return await aio_pika.connect_robust(
-            settings.url(connection_name),
-            timeout=settings.connect_timeout_s,
-            client_properties={"connection_name": connection_name},
+            settings.url(connection_name), timeout=settings.connect_timeout_s
         )
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailable(settings.address, exc) from None
@@ -126,9 +124,16 @@ def put_worker_policy(settings: BrokerSettings, **management: Any) -> None:
 class Publisher:
     """Publishes persistent, mandatory, confirmed messages, each within a timeout."""
 
-    def __init__(self, exchange: AbstractExchange, timeout_s: float) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, exchange: AbstractExchange, timeout_s: float
+    ) -> None:
+        self._connection = connection
         self._exchange = exchange
         self._timeout_s = timeout_s
+
+    @property
+    def connected(self) -> bool:
+        return self._connection.connected.is_set()
 
     async def publish(self, body: bytes, routing_key: str, *, message_id: str) -> None:
         message = aio_pika.Message(

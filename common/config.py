@@ -6,6 +6,8 @@ nothing deeper in the code reads the environment.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -52,9 +54,7 @@ class BrokerSettings(BaseSettings):
         return f"{self.host}:{self.port}"
 
     def url(self, connection_name: str) -> str:
-        # aio-pika quotes nothing for us; the vhost and credentials must be URL-safe.
-        from urllib.parse import quote
-
+        # The name shows in the management UI and in the broker's connection events.
         return (
             f"amqp://{quote(self.user, safe='')}:{quote(self.password.get_secret_value(), safe='')}"
             f"@{self.host}:{self.port}/{quote(self.vhost, safe='')}"

@@ -66,6 +66,7 @@ class Execution(BaseModel):
     attempt: int
     max_attempts: int
     dispatches: int
+    unpublished: int
     worker_id: str | None
     timeout_s: int
     idempotency_key: str | None

@@ -46,7 +46,7 @@ FAST_TIMINGS = {
 
 async def wait_until(
     check: Callable[[], Awaitable[Any]], *, timeout: float, interval: float = 0.1,
-    what: str = "condition",
+    what: str | Callable[[], str] = "condition",
 ) -> Any:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -55,7 +55,8 @@ async def wait_until(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {described}")
         await asyncio.sleep(interval)
 
 
@@ -100,6 +101,10 @@ class Proc:
             self.popen.send_signal(signal.SIGCONT)
             self.popen.kill()
             self.popen.wait(10)
+
+
+def _metrics(port: int | None) -> list[str]:
+    return [] if port is None else ["--metrics-port", str(port)]
 
 
 @dataclass
@@ -148,14 +153,18 @@ class Env:
         self.procs.append(proc)
         return proc
 
-    def executor(self, name: str = "executor", **env: str) -> Proc:
-        return self.start("executor", "--name", name, name=name, **env)
+    def executor(
+        self, name: str = "executor", *, metrics_port: int | None = None, **env: str
+    ) -> Proc:
+        return self.start("executor", "--name", name, *_metrics(metrics_port), name=name,
+                          **env)
 
     def worker(
-        self, name: str, *, capacity: int = 4, runtimes: str = "shell,python", **env: str
+        self, name: str, *, capacity: int = 4, runtimes: str = "shell,python",
+        metrics_port: int | None = None, **env: str,
     ) -> Proc:
         return self.start("worker", "--name", name, "--capacity", str(capacity),
-                          "--runtime", runtimes, name=name, **env)
+                          "--runtime", runtimes, *_metrics(metrics_port), name=name, **env)
 
     def cli(self, *args: str, input: str | None = None, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -191,16 +200,19 @@ class Env:
         assert self.pool is not None
         pool = self.pool
 
+        last: dict[ExecutionStatus, int] = {}
+
         async def check() -> dict[ExecutionStatus, int] | None:
             rows = await pool.fetch(
                 "SELECT status, count(*) AS n FROM executions WHERE id = ANY($1) "
                 "GROUP BY status", ids)
-            counts = {ExecutionStatus(r["status"]): r["n"] for r in rows}
-            done = sum(n for s, n in counts.items() if s in TERMINAL)
-            return counts if done == len(ids) else None
+            last.clear()
+            last.update({ExecutionStatus(r["status"]): r["n"] for r in rows})
+            done = sum(n for s, n in last.items() if s in TERMINAL)
+            return dict(last) if done == len(ids) else None
 
         return await wait_until(check, timeout=timeout, interval=0.2,
-                                what=f"{len(ids)} executions to end")
+                                what=lambda: f"{len(ids)} executions to end (now {last})")
 
 
 async def _connect(database: str | None = None) -> asyncpg.Connection:

@@ -120,6 +120,7 @@ async def release_scheduled(
     reason: str,
     actor: str,
     max_dispatches: int,
+    publish_failed: bool = False,
 ) -> ExecutionStatus | None:
     """Put a never-started dispatch back to REQUESTED (or FAILED past max_dispatches).
 
@@ -128,6 +129,7 @@ async def release_scheduled(
     row = await conn.fetchrow(
         SQL["release_scheduled"],
         execution_id, attempt, dispatch, worker_id, reason, actor, max_dispatches,
+        publish_failed,
     )
     return ExecutionStatus(row["status"]) if row else None
 

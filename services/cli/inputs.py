@@ -20,7 +20,8 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
             path = Path(params_json[1:])
             try:
                 if path.stat().st_size > max_bytes:
-                    raise InvalidInput(f"params file {path} is over {max_bytes} bytes")
+                    raise InvalidInput(
+                        f"params file {path} is over the limit of {max_bytes} bytes")
                 text = path.read_text()
             except OSError as exc:
                 raise InvalidInput(f"cannot read params file {path}: {exc.strerror}") from None

@@ -47,6 +47,11 @@ class Dispatcher:
 
     async def dispatch_round(self) -> int:
         """One batch: claim, assign, commit SCHEDULED, publish. Returns how many."""
+        if not self._publisher.connected:
+            # Nothing could be delivered: leave the work REQUESTED until the broker is back.
+            self._publish_log.log(logging.WARNING, "broker_down",
+                                  "dispatch paused: no broker connection")
+            return 0
         async with db.transaction(self._pool) as conn:
             eligible = await workers.lock_eligible(conn, self._settings.stale_after_s)
             claimed = await executions.claim_due(
@@ -75,16 +80,16 @@ class Dispatcher:
             PUBLISH_FAILURES.inc()
             self._publish_log.log(logging.WARNING, "publish_failed",
                                   "dispatch of %s to %s failed: %s", s.id, s.worker_id, exc)
-            await self._release(s, "publish_failed")
+            await self._release_unpublished(s)
             return
         DISPATCHED.inc()
 
-    async def _release(self, s: executions.Scheduled, reason: str) -> None:
+    async def _release_unpublished(self, s: executions.Scheduled) -> None:
         try:
             status = await executions.release_scheduled(
                 self._pool, execution_id=s.id, attempt=s.attempt, dispatch=s.dispatch,
-                worker_id=s.worker_id, reason=reason, actor=self._actor,
-                max_dispatches=self._settings.max_dispatches,
+                worker_id=s.worker_id, reason="publish_failed", actor=self._actor,
+                max_dispatches=self._settings.max_dispatches, publish_failed=True,
             )
         except Exception as exc:  # the monitor releases it later instead
             log.warning("could not release %s after a failed publish: %s", s.id, exc)
@@ -92,4 +97,4 @@ class Dispatcher:
         if status is None:
             FENCED_WRITES.labels("release").inc()
         else:
-            TRANSITIONS.labels("SCHEDULED", status, reason).inc()
+            TRANSITIONS.labels("SCHEDULED", status, "publish_failed").inc()

@@ -21,7 +21,7 @@ from common.loops import run_loop
 from services.executor.dead_letters import DeadLetterHandler
 from services.executor.dispatcher import Dispatcher
 from services.executor.monitor import TimeoutMonitor
-from services.executor.worker_events import EVENT_EXCHANGE, WorkerEventHandler
+from services.executor.worker_events import EVENT_EXCHANGE, EVENTS, WorkerEventHandler
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Executor:
         self._pool: asyncpg.Pool | None = None
         self._connections: list[AbstractRobustConnection] = []
         self._listener: asyncpg.Connection | None = None
+        # aio-pika restores channels, queues and consumers after a reconnect only while
+        # something still references them.
+        self._keep: list[object] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -65,7 +68,8 @@ class Executor:
         publish_channel = await connection.channel(publisher_confirms=True,
                                                    on_return_raises=True)
         dispatch_exchange = await broker.declare_topology(publish_channel)
-        publisher = broker.Publisher(dispatch_exchange, self.broker_settings.publish_timeout_s)
+        publisher = broker.Publisher(connection, dispatch_exchange,
+                                     self.broker_settings.publish_timeout_s)
         dispatcher = Dispatcher(pool, publisher, s, self.actor)
         monitor = TimeoutMonitor(pool, s, self.actor)
 
@@ -73,6 +77,7 @@ class Executor:
         await consume_channel.set_qos(prefetch_count=100)
         dead_letters = await consume_channel.declare_queue(broker.DEAD_LETTER_QUEUE, durable=True)
         await dead_letters.consume(DeadLetterHandler(pool, s, self.actor).handle)
+        self._keep += [publish_channel, dispatch_exchange, consume_channel, dead_letters]
         if s.worker_events:
             await self._follow_worker_events()
 
@@ -94,8 +99,8 @@ class Executor:
         )
 
     async def _follow_worker_events(self) -> None:
-        """Bind a private queue to the broker's connection.closed events. They are
-        published in one vhost (event_exchange.vhost) for connections of every vhost."""
+        """Bind a private queue to the broker's connection and consumer events. They are
+        published in one vhost (event_exchange.vhost) for every vhost."""
         settings = self.broker_settings.model_copy(
             update={"vhost": self.broker_settings.event_vhost}
         )
@@ -105,7 +110,9 @@ class Executor:
         queue = await channel.declare_queue(
             f"vigil.executor-events.{self.id}", exclusive=True, auto_delete=True
         )
-        await queue.bind(EVENT_EXCHANGE, routing_key="connection.closed")
+        for event in EVENTS:
+            await queue.bind(EVENT_EXCHANGE, routing_key=event)
+        self._keep += [channel, queue]
         assert self._pool is not None
         handler = WorkerEventHandler(self._pool, self._sweep_now.set,
                                      vhost=self.broker_settings.vhost)

@@ -1,9 +1,11 @@
 """Worker loss from the broker's own events (seed 001), seen in about a second.
 
-The rabbitmq_event_exchange plugin publishes `connection.closed` the moment a worker's
-connection drops. A worker that shut down cleanly is INACTIVE by then, so only a crash
-(or a kill) turns an ACTIVE or DRAINING worker LOST; the heartbeat staleness check stays
-as the backstop for when events are off or missed.
+The rabbitmq_event_exchange plugin publishes an event the moment a worker's connection
+drops: `connection.closed` (carrying the connection name the worker chose, which ends
+in its id) and `consumer.deleted` for its queue (performed by `rmq-internal` when the
+channel died rather than the worker cancelling). A worker that shut down cleanly is
+INACTIVE by then, so only a crash or a kill turns an ACTIVE or DRAINING worker LOST; the
+heartbeat staleness check stays as the backstop for when events are off or missed.
 """
 
 from __future__ import annotations
@@ -14,24 +16,36 @@ from collections.abc import Callable
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 
-from common.broker import WORKER_CONNECTION_PREFIX
+from common.broker import WORKER_CONNECTION_PREFIX, WORKER_QUEUE_PREFIX
 from common.db import workers
 
 log = logging.getLogger(__name__)
 
 EVENT_EXCHANGE = "amq.rabbitmq.event"
+EVENTS = ("connection.closed", "consumer.deleted")
+# Who the broker says deleted a consumer when its channel or connection went away.
+BROKER_INTERNAL = "rmq-internal"
 
-def worker_id_of(headers: dict) -> str | None:
-    """The worker id from a connection event's headers, or None for other clients."""
-    name = headers.get("user_provided_name")
-    if not name:
-        props = headers.get("client_properties") or {}
-        name = props.get("connection_name") if isinstance(props, dict) else None
-    if isinstance(name, bytes):
-        name = name.decode(errors="replace")
-    if not isinstance(name, str) or not name.startswith(WORKER_CONNECTION_PREFIX):
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
+def lost_worker(routing_key: str, headers: dict, vhost: str) -> str | None:
+    """The id of the worker an event says is gone, or None if it says nothing of ours."""
+    if routing_key == "connection.closed":
+        name = _text(headers.get("user_provided_name"))
+        if name and name.startswith(WORKER_CONNECTION_PREFIX):
+            return name.rsplit(" ", 1)[-1]
         return None
-    return name.rsplit(" ", 1)[-1]
+    if routing_key == "consumer.deleted":
+        queue = _text(headers.get("queue")) or ""
+        if (queue.startswith(WORKER_QUEUE_PREFIX) and _text(headers.get("vhost")) == vhost
+                and _text(headers.get("user_who_performed_action")) == BROKER_INTERNAL):
+            return queue[len(WORKER_QUEUE_PREFIX):]
+    return None
 
 
 class WorkerEventHandler:
@@ -42,14 +56,11 @@ class WorkerEventHandler:
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         async with message.process(requeue=False):
-            headers = dict(message.headers or {})
-            vhost = headers.get("vhost")
-            if isinstance(vhost, bytes):
-                vhost = vhost.decode(errors="replace")
-            worker_id = worker_id_of(headers)
-            if worker_id is None or vhost != self._vhost:
+            worker_id = lost_worker(message.routing_key or "", dict(message.headers or {}),
+                                    self._vhost)
+            if worker_id is None:
                 return
-            if await workers.mark_lost(self._pool, worker_id, "broker connection closed"):
-                log.warning("worker %s LOST: its broker connection closed", worker_id,
+            if await workers.mark_lost(self._pool, worker_id, f"broker: {message.routing_key}"):
+                log.warning("worker %s LOST: %s", worker_id, message.routing_key,
                             extra={"event": "worker_lost"})
                 self._on_lost()

@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from pydantic import ValidationError
 
 from common import broker, db
@@ -70,12 +75,15 @@ class Worker:
         self.id = f"{settings.name}-{uuid.uuid4().hex[:8]}"
         self.actions = self._offered_actions()
         self.running: dict[uuid.UUID, Running] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()
         self.draining = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.capacity)
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
         self._heartbeat_now = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._connection: AbstractRobustConnection | None = None
+        # Referenced so that aio-pika restores them after a reconnect.
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -111,7 +119,7 @@ class Worker:
         self._connection = await broker.connect(
             self.broker_settings, broker.worker_connection_name(self.settings.name, self.id)
         )
-        channel = await self._connection.channel()
+        channel = self._channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.settings.capacity)
         dispatch = await broker.declare_topology(channel)
         self._queue = await channel.declare_queue(broker.worker_queue(self.id), durable=True)
@@ -148,6 +156,8 @@ class Worker:
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
             except Exception as exc:  # the broker may be gone; the DB status still stops work
                 log.warning("could not cancel consumer: %s", describe(exc))
+        if self._deliveries:  # deliveries in hand see `draining` and go back at once
+            await asyncio.wait(list(self._deliveries), timeout=5)
         tasks = [r.task for r in self.running.values()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -208,16 +218,24 @@ class Worker:
     # ---- deliveries ------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # aio-pika cancels this callback when the channel closes. The delivery is handled
+        # in a task of our own, so a RUNNING that gets committed always gets its attempt.
+        task = asyncio.create_task(self._handle_delivery(message))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+        await asyncio.shield(task)
+
+    async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
         try:
             dispatch = DispatchMessage.model_validate_json(message.body)
         except ValidationError as exc:
             self._reject_bad(message, "malformed", describe(exc))
-            await message.reject(requeue=False)
+            await _settle(message, ack=False)
             return
         if not await self._take_slot():
             # Draining, or no memory to spare: the dead-letter exchange hands it back to
             # the executor at once, which redispatches it elsewhere.
-            await message.reject(requeue=False)
+            await _settle(message, ack=False)
             return
         try:
             started = await db.retrying(
@@ -227,22 +245,19 @@ class Worker:
                 ),
                 deadline_s=DB_RETRY_DEADLINE_S, what="start attempt",
             )
-        except BaseException:
+        except Exception as exc:
             self._slots.release()
-            await message.reject(requeue=False)
-            raise
+            log.error("could not start %s: %s", dispatch.execution_id, describe(exc))
+            await _settle(message, ack=False)
+            return
         if started is None:
             self._slots.release()
             FENCED_WRITES.labels("start").inc()
             self._reject_bad(message, "stale", f"execution {dispatch.execution_id} "
                              f"attempt {dispatch.attempt} dispatch {dispatch.dispatch}")
-            await message.reject(requeue=False)
+            await _settle(message, ack=False)
             return
         # RUNNING is committed: from here Postgres owns the attempt, not the broker.
-        await message.ack()
-        TRANSITIONS.labels("SCHEDULED", "RUNNING", "started").inc()
-        if message.timestamp is not None:
-            SCHEDULE_TO_START.observe(max(0.0, time.time() - message.timestamp.timestamp()))
         task = asyncio.create_task(
             self._run_attempt(started, dispatch.dispatch), name=f"attempt-{started.id}"
         )
@@ -251,6 +266,10 @@ class Worker:
         )
         WORKER_IN_FLIGHT.set(len(self.running))
         task.add_done_callback(lambda _: self._attempt_done(started.id))
+        TRANSITIONS.labels("SCHEDULED", "RUNNING", "started").inc()
+        if message.timestamp is not None:
+            SCHEDULE_TO_START.observe(max(0.0, time.time() - message.timestamp.timestamp()))
+        await _settle(message, ack=True)
 
     async def _take_slot(self) -> bool:
         """Wait for a free slot; False if the worker starts draining (or is short of
@@ -356,3 +375,16 @@ class Worker:
         ceiling = min(self.settings.retry_max_delay_s,
                       self.settings.retry_base_delay_s * 2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
+    """Ack, or reject to the dead-letter exchange. If the channel is gone, the broker has
+    already put the delivery back; its redelivery will be found stale."""
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.reject(requeue=False)
+    except Exception as exc:
+        log.info("could not %s delivery %s: %s", "ack" if ack else "reject",
+                 message.message_id, describe(exc))

@@ -126,7 +126,7 @@ async def test_sigstopped_worker_late_completion_is_fenced_out(
     env: Env, drill_report: DrillResult
 ):
     env.executor()
-    sleeper = env.worker("sleeper", capacity=1, metrics_port="19211")
+    sleeper = env.worker("sleeper", capacity=1, metrics_port=19211)
     sleeper_id = await worker_id(env, "sleeper")
     [eid] = await record_load(env, 1, seconds=2.0)
 

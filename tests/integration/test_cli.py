@@ -22,7 +22,7 @@ async def count(env: Env, table: str) -> int:
 ])
 async def test_usage_errors_exit_2_with_one_line_and_write_nothing(env: Env, args, message):
     (env.tmp / "big.json").write_text(json.dumps({"x": "y" * 1_048_576}))
-    result = env.cli(*(a.format(tmp=env.tmp) for a in args))
+    result = env.cli(*(a.replace("{tmp}", str(env.tmp)) for a in args))
 
     assert result.returncode == 2, result.stderr
     assert message in result.stderr

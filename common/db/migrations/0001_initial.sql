@@ -31,6 +31,9 @@ CREATE TABLE executions (
     attempt         integer NOT NULL DEFAULT 1 CHECK (attempt >= 1),
     max_attempts    integer NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
     dispatches      integer NOT NULL DEFAULT 0 CHECK (dispatches >= 0),
+    -- Dispatches of this attempt whose publish failed: they never reached a worker, so
+    -- they don't count against max_dispatches (losing the broker costs only latency).
+    unpublished     integer NOT NULL DEFAULT 0 CHECK (unpublished >= 0),
     -- The worker of the current attempt; kept on release so a retry can avoid it.
     worker_id       text,
     timeout_s       integer NOT NULL DEFAULT 3600 CHECK (timeout_s > 0),

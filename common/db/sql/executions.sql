@@ -70,18 +70,23 @@ WITH assignment AS (
 SELECT id, attempt, dispatches, worker_id FROM moved;
 
 -- name: release_scheduled
--- A dispatch that was never started goes back to REQUESTED, or FAILED once it has been
--- dispatched max_dispatches times. $1 id, $2 attempt, $3 dispatch, $4 worker id,
--- $5 reason, $6 actor, $7 max_dispatches
+-- A dispatch that was never started goes back to REQUESTED, or FAILED once the attempt
+-- has been delivered max_dispatches times. A dispatch whose publish failed ($8) never
+-- reached a worker: it goes back to REQUESTED and does not count.
+-- $1 id, $2 attempt, $3 dispatch, $4 worker id, $5 reason, $6 actor, $7 max_dispatches,
+-- $8 publish failed
 WITH moved AS (
     UPDATE executions
-    SET status = CASE WHEN dispatches >= $7 THEN 'FAILED' ELSE 'REQUESTED' END,
-        reason = CASE WHEN dispatches >= $7 THEN 'max_dispatches' END,
-        error = CASE WHEN dispatches >= $7
+    SET status = CASE WHEN NOT $8 AND dispatches - unpublished >= $7
+                      THEN 'FAILED' ELSE 'REQUESTED' END,
+        unpublished = unpublished + CASE WHEN $8 THEN 1 ELSE 0 END,
+        reason = CASE WHEN NOT $8 AND dispatches - unpublished >= $7 THEN 'max_dispatches' END,
+        error = CASE WHEN NOT $8 AND dispatches - unpublished >= $7
                 THEN jsonb_build_object('kind', 'max_dispatches', 'message',
-                     format('not started after %s dispatches; last: %s', dispatches, $5::text))
+                     format('not started after %s dispatches; last: %s',
+                            dispatches - unpublished, $5::text))
                 END,
-        finished_at = CASE WHEN dispatches >= $7 THEN now() END,
+        finished_at = CASE WHEN NOT $8 AND dispatches - unpublished >= $7 THEN now() END,
         updated_at = now()
     WHERE id = $1 AND status = 'SCHEDULED' AND attempt = $2 AND dispatches = $3
       AND worker_id = $4
@@ -124,6 +129,8 @@ WITH moved AS (
                        THEN attempt + 1 ELSE attempt END,
         dispatches = CASE WHEN $5::float8 IS NOT NULL AND attempt < max_attempts
                           THEN 0 ELSE dispatches END,
+        unpublished = CASE WHEN $5::float8 IS NOT NULL AND attempt < max_attempts
+                           THEN 0 ELSE unpublished END,
         not_before = CASE WHEN $5::float8 IS NOT NULL AND attempt < max_attempts
                           THEN now() + make_interval(secs => $5::float8) ELSE not_before END,
         finished_at = CASE WHEN $5::float8 IS NOT NULL AND attempt < max_attempts
@@ -178,13 +185,14 @@ WITH stuck AS (
     FOR UPDATE OF e SKIP LOCKED
 ), moved AS (
     UPDATE executions e
-    SET status = CASE WHEN e.dispatches >= $3 THEN 'FAILED' ELSE 'REQUESTED' END,
-        reason = CASE WHEN e.dispatches >= $3 THEN 'schedule_timeout' END,
-        error = CASE WHEN e.dispatches >= $3
+    SET status = CASE WHEN e.dispatches - e.unpublished >= $3 THEN 'FAILED' ELSE 'REQUESTED' END,
+        reason = CASE WHEN e.dispatches - e.unpublished >= $3 THEN 'schedule_timeout' END,
+        error = CASE WHEN e.dispatches - e.unpublished >= $3
                 THEN jsonb_build_object('kind', 'schedule_timeout', 'message',
-                     format('not started after %s dispatches; last: %s', e.dispatches, s.why))
+                     format('not started after %s dispatches; last: %s',
+                            e.dispatches - e.unpublished, s.why))
                 END,
-        finished_at = CASE WHEN e.dispatches >= $3 THEN now() END,
+        finished_at = CASE WHEN e.dispatches - e.unpublished >= $3 THEN now() END,
         updated_at = now()
     FROM stuck s
     WHERE e.id = s.id AND e.status = 'SCHEDULED'
@@ -214,6 +222,7 @@ WITH lost AS (
     SET status = CASE WHEN e.attempt < e.max_attempts THEN 'REQUESTED' ELSE 'FAILED' END,
         attempt = CASE WHEN e.attempt < e.max_attempts THEN e.attempt + 1 ELSE e.attempt END,
         dispatches = CASE WHEN e.attempt < e.max_attempts THEN 0 ELSE e.dispatches END,
+        unpublished = CASE WHEN e.attempt < e.max_attempts THEN 0 ELSE e.unpublished END,
         not_before = CASE WHEN e.attempt < e.max_attempts
                           THEN now() + make_interval(secs => $2::float8) ELSE e.not_before END,
         finished_at = CASE WHEN e.attempt < e.max_attempts THEN NULL ELSE now() END,
@@ -308,7 +317,7 @@ SELECT from_status FROM moved;
 WITH moved AS (
     UPDATE executions
     SET status = 'REQUESTED', attempt = attempt + 1,
-        max_attempts = greatest(max_attempts, attempt + 1), dispatches = 0,
+        max_attempts = greatest(max_attempts, attempt + 1), dispatches = 0, unpublished = 0,
         not_before = now(), finished_at = NULL, reason = NULL, updated_at = now()
     WHERE id = $1 AND status IN ('FAILED', 'TIMED_OUT', 'CANCELLED')
     -- RETURNING's sub-select still sees the row as it was before this statement.
