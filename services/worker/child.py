@@ -1,7 +1,7 @@
-"""Entry point of the child process that runs one python attempt.
+"""What runs inside the child process of one python attempt.
 
-The parent writes one JSON job to stdin: {"modules", "execution_id", "action", "params",
-"attempt", "checkpoint"}. The child answers on its original stdout with JSON lines:
+The child reads one JSON job {"execution_id", "action", "params", "attempt",
+"checkpoint"} and answers on its protocol pipe with JSON lines:
 {"type": "checkpoint", "data": ...} any number of times, then exactly one
 {"type": "result", "ok": true, "result": ...} or {"type": "result", "ok": false,
 "error": {...}}. Whatever the action prints goes to stderr, so it can't corrupt that.
@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import os
-import sys
 import traceback
 from typing import IO, Any
 
@@ -25,18 +23,14 @@ def _emit(out: IO[str], record: dict[str, Any]) -> None:
     out.flush()
 
 
-def main() -> int:
-    protocol = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the action's prints land on stderr
-    sys.stdout = sys.stderr
-    job = json.loads(sys.stdin.read())
+def run_job(job: dict[str, Any], protocol: IO[str]) -> None:
+    """Run the job's action (already imported by the zygote) and report on `protocol`."""
     try:
-        registry.load(job["modules"])
         fn = registry.lookup(job["action"])
         if fn is None:
             _emit(protocol, {"type": "result", "ok": False, "error": {
                 "kind": "unknown_action", "message": f"no action named {job['action']!r}"}})
-            return 0
+            return
         ctx = registry.Context(
             execution_id=job["execution_id"],
             params=job["params"],
@@ -55,14 +49,9 @@ def main() -> int:
             "message": str(exc)[:2000],
             "traceback": traceback.format_exc()[-8000:],
         }})
-        return 0
+        return
     _emit(protocol, {"type": "result", "ok": True, "result": result})
-    return 0
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,32 +1,31 @@
 """Runtimes: how one attempt runs in a child process, and what its outcome is.
 
-`shell` runs an argv list; `python` runs a registered action in a fresh interpreter.
-Either way the child is in its own session and dies with the worker (PDEATHSIG), so
-a crash or an OOM kill takes the child, never the worker, and a dead worker leaves no
-orphan still doing the work.
+`shell` runs an argv list; `python` runs a registered action in a child forked by the
+zygote (services/worker/zygote.py). Either way the child is in its own session and
+dies with the worker (PDEATHSIG), so a crash or an OOM kill takes the child, never the
+worker, and a dead worker leaves no orphan still doing the work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.worker.forkserver import ForkServer
+from services.worker.pdeathsig import die_with_parent
 
 SHELL_ACTION = "shell"
 RUNTIMES = ("shell", "python")
 # Errors that would fail the same way again: retrying them only wastes a slot.
 NEVER_RETRY = frozenset({"invalid_params", "unknown_action", "command_not_found", "bug"})
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 @dataclass(frozen=True)
@@ -64,18 +63,17 @@ class Attempt:
 OnCheckpoint = Callable[[Any], Awaitable[None]]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 async def run(
-    attempt: Attempt, *, modules: list[str], tail_bytes: int, on_checkpoint: OnCheckpoint
+    attempt: Attempt, *, forkserver: ForkServer | None, tail_bytes: int,
+    on_checkpoint: OnCheckpoint,
 ) -> Outcome:
     """Run one attempt to its end. Cancelling this coroutine kills the child."""
     if attempt.action == SHELL_ACTION:
         return await _run_shell(attempt, tail_bytes)
-    return await _run_python(attempt, modules, tail_bytes, on_checkpoint)
+    if forkserver is None:
+        return Outcome(False, error={"kind": "unknown_action",
+                                     "message": "this worker does not run python actions"})
+    return await _run_python(attempt, forkserver, tail_bytes, on_checkpoint)
 
 
 async def _run_shell(attempt: Attempt, tail_bytes: int) -> Outcome:
@@ -89,7 +87,7 @@ async def _run_shell(attempt: Attempt, tail_bytes: int) -> Outcome:
             *params.argv, cwd=params.cwd, env=env,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError as exc:
         kind = "invalid_params" if params.cwd and not os.path.isdir(params.cwd) \
@@ -99,7 +97,7 @@ async def _run_shell(attempt: Attempt, tail_bytes: int) -> Outcome:
         return Outcome(False, error={"kind": "spawn_failed", "message": str(exc)})
     assert proc.stdout is not None and proc.stderr is not None
     stdout, stderr, code = await _supervise(
-        proc, _tail(proc.stdout, tail_bytes), _tail(proc.stderr, tail_bytes)
+        _ShellProcess(proc), _tail(proc.stdout, tail_bytes), _tail(proc.stderr, tail_bytes)
     )
     output = {"exit_code": code, "stdout": stdout, "stderr": stderr}
     if code == 0:
@@ -109,32 +107,27 @@ async def _run_shell(attempt: Attempt, tail_bytes: int) -> Outcome:
 
 
 async def _run_python(
-    attempt: Attempt, modules: list[str], tail_bytes: int, on_checkpoint: OnCheckpoint
+    attempt: Attempt, forkserver: ForkServer, tail_bytes: int, on_checkpoint: OnCheckpoint
 ) -> Outcome:
-    job = json.dumps({
-        "modules": modules, "execution_id": attempt.execution_id, "action": attempt.action,
-        "params": attempt.params, "attempt": attempt.attempt, "checkpoint": attempt.checkpoint,
-    }).encode()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.worker.child",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    proc.stdin.write(job)
-    proc.stdin.close()
+    try:
+        child = await forkserver.spawn({
+            "execution_id": attempt.execution_id, "action": attempt.action,
+            "params": attempt.params, "attempt": attempt.attempt,
+            "checkpoint": attempt.checkpoint,
+        })
+    except (OSError, RuntimeError) as exc:
+        return Outcome(False, error={"kind": "spawn_failed", "message": str(exc)})
     results: list[dict[str, Any]] = []
 
     async def read_protocol() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
+        async for line in child.protocol:
             record = json.loads(line)
             if record["type"] == "checkpoint":
                 await on_checkpoint(record["data"])
             else:
                 results.append(record)
 
-    _, stderr, code = await _supervise(proc, read_protocol(), _tail(proc.stderr, tail_bytes))
+    _, stderr, code = await _supervise(child, read_protocol(), _tail(child.stderr, tail_bytes))
     if results and code == 0:
         record = results[-1]
         if record["ok"]:
@@ -144,25 +137,40 @@ async def _run_python(
     return Outcome(False, error={"kind": kind, "message": _exit_text(code), "stderr": stderr})
 
 
+class _Process(Protocol):
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+class _ShellProcess:
+    """An asyncio subprocess, seen as a process group to kill and an exit to wait for."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+
 async def _supervise(
-    proc: asyncio.subprocess.Process, out: Awaitable[Any], err: Awaitable[str]
+    proc: _Process, out: Awaitable[Any], err: Awaitable[str]
 ) -> tuple[Any, str, int]:
     """Wait for the child and its pipes; on cancellation kill its whole process group."""
     try:
         stdout, stderr = await asyncio.gather(out, err)
         code = await proc.wait()
     except BaseException:
-        _kill_group(proc)
+        proc.kill()
         await asyncio.shield(proc.wait())
         raise
     return stdout, stderr, code
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 async def _tail(stream: asyncio.StreamReader, limit: int) -> str:

@@ -43,6 +43,7 @@ from common.metrics import (
 )
 from common.models import DispatchMessage, ExecutionStatus, WorkerStatus
 from services.worker import memory, registry, runtimes
+from services.worker.forkserver import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class Worker:
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
         self._heartbeat_now = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
+        self._forkserver = (ForkServer(settings.action_modules)
+                            if "python" in settings.runtimes else None)
         self._connection: AbstractRobustConnection | None = None
         # Referenced so that aio-pika restores them after a reconnect.
         self._channel: AbstractChannel | None = None
@@ -115,6 +118,8 @@ class Worker:
             await self.shutdown()
 
     async def start(self) -> None:
+        if self._forkserver is not None:
+            await self._forkserver.start()
         self._pool = await db.connect(self.db_settings, application_name=f"vigil-worker {self.id}")
         self._connection = await broker.connect(
             self.broker_settings, broker.worker_connection_name(self.settings.name, self.id)
@@ -174,6 +179,8 @@ class Worker:
             await self._connection.close()
         if self._pool is not None:
             await self._pool.close()
+        if self._forkserver is not None:
+            await self._forkserver.close()
         log.info("worker %s stopped", self.id, extra={"event": "worker_stopped"})
 
     async def _set_status(self, status: WorkerStatus, reason: str) -> None:
@@ -311,7 +318,7 @@ class Worker:
                 outcome = await runtimes.run(
                     runtimes.Attempt(str(started.id), started.action, started.params,
                                      started.attempt, started.checkpoint),
-                    modules=self.settings.action_modules,
+                    forkserver=self._forkserver,
                     tail_bytes=self.settings.output_tail_bytes,
                     on_checkpoint=lambda data: self._save_checkpoint(started, data),
                 )

@@ -1,13 +1,24 @@
 """The runtimes run real child processes; no servers are needed."""
 
 import asyncio
+import os
 import time
 
 import pytest
 
+from services.worker.forkserver import ForkServer
 from services.worker.runtimes import Attempt, Outcome, run
 
-MODULES = ["examples.actions"]
+FORKSERVER: ForkServer | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def forkserver():
+    global FORKSERVER
+    FORKSERVER = ForkServer(["examples.actions"])
+    await FORKSERVER.start()
+    yield FORKSERVER
+    await FORKSERVER.close()
 
 
 async def attempt(action: str, params, checkpoint=None, n: int = 1) -> Outcome:
@@ -16,7 +27,7 @@ async def attempt(action: str, params, checkpoint=None, n: int = 1) -> Outcome:
     async def on_checkpoint(data) -> None:
         saved.append(data)
 
-    outcome = await run(Attempt("e-1", action, params, n, checkpoint), modules=MODULES,
+    outcome = await run(Attempt("e-1", action, params, n, checkpoint), forkserver=FORKSERVER,
                         tail_bytes=64, on_checkpoint=on_checkpoint)
     attempt.saved = saved  # type: ignore[attr-defined]
     return outcome
@@ -87,3 +98,28 @@ async def test_cancelling_an_attempt_kills_its_child_quickly() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - began < 2
+
+
+async def test_each_python_attempt_runs_in_a_process_of_its_own(tmp_path) -> None:
+    first = await attempt("demo.record", {"dir": str(tmp_path), "seconds": 0})
+    second = await attempt("demo.record", {"dir": str(tmp_path), "seconds": 0}, n=2)
+    assert first.ok and second.ok
+    assert len({first.result["pid"], second.result["pid"], os.getpid()}) == 3
+
+
+async def test_cancelling_a_python_attempt_kills_its_child_quickly() -> None:
+    task = asyncio.create_task(attempt("demo.sleep", {"seconds": 30}))
+    await asyncio.sleep(0.3)
+    began = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - began < 2
+
+
+async def test_the_zygote_is_replaced_if_it_dies(forkserver: ForkServer) -> None:
+    old = forkserver.zygote_pid
+    assert old is not None
+    os.kill(old, 9)
+    assert (await attempt("demo.add", {"a": 1, "b": 2})).result == {"sum": 3}
+    assert forkserver.zygote_pid not in (None, old)

@@ -1,0 +1,177 @@
+"""The worker's side of the zygote (services/worker/zygote.py): ask it to fork a child
+for an attempt, then talk to that child over pipes and learn how it exited."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+ZYGOTE_DIED = -signal.SIGKILL  # how a child whose zygote died is reported
+
+
+@dataclass
+class Child:
+    """A forked attempt process and the worker's ends of its pipes."""
+
+    pid: int
+    protocol: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    exited: asyncio.Future[int]
+
+    def kill(self) -> None:
+        # The group takes what the action spawned; the pid covers a child killed before
+        # it got to setsid().
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+
+class ForkServer:
+    def __init__(self, modules: list[str]) -> None:
+        self._modules = modules
+        self._sock: socket.socket | None = None
+        self._zygote: asyncio.subprocess.Process | None = None
+        self._ids = itertools.count(1)
+        self._forked: dict[int, asyncio.Future[int]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._zygote = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.worker.zygote", str(child.fileno()),
+                *self._modules, pass_fds=[child.fileno()], stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        parent.setblocking(False)
+        self._sock = parent
+        asyncio.get_running_loop().add_reader(parent, self._on_readable)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock)
+            self._sock.close()  # the zygote sees EOF and exits
+            self._sock = None
+        if self._zygote is not None:
+            try:
+                await asyncio.wait_for(self._zygote.wait(), 5)
+            except TimeoutError:
+                self._zygote.kill()
+                await self._zygote.wait()
+            self._zygote = None
+        self._fail_all()
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    async def spawn(self, job: dict) -> Child:
+        """Fork a child that runs `job`. A zygote found dead is replaced once."""
+        try:
+            return await self._spawn(job)
+        except (OSError, RuntimeError) as exc:
+            log.warning("zygote unusable (%s); starting a new one", exc,
+                        extra={"event": "zygote_restart"})
+            await self.close()
+            return await self._spawn(job)
+
+    async def _spawn(self, job: dict) -> Child:
+        async with self._start_lock:
+            if self._sock is None:
+                await self.start()
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        job_r, job_w = os.pipe()
+        protocol_r, protocol_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        request_id = next(self._ids)
+        forked = self._forked[request_id] = loop.create_future()
+        try:
+            socket.send_fds(self._sock, [json.dumps({"id": request_id}).encode()],
+                            [job_r, protocol_w, stderr_w])
+        except OSError:
+            for fd in (job_w, protocol_r, stderr_r):
+                os.close(fd)
+            self._forked.pop(request_id, None)
+            raise
+        finally:
+            for fd in (job_r, protocol_w, stderr_w):
+                os.close(fd)
+        pid = await forked
+        # The exit may already have been reported; either way one future per pid.
+        exited = self._exits.setdefault(pid, loop.create_future())
+        exited.add_done_callback(lambda _: self._exits.pop(pid, None))
+        child = Child(pid, await _reader(protocol_r), await _reader(stderr_r), exited)
+        await _write_all(job_w, json.dumps(job).encode())
+        return child
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            message = self._sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        if not message:
+            log.error("the zygote died; failing its running children",
+                      extra={"event": "zygote_died"})
+            asyncio.get_running_loop().remove_reader(self._sock)
+            self._sock.close()
+            self._sock = None
+            self._fail_all()
+            return
+        record = json.loads(message)
+        loop = asyncio.get_running_loop()
+        if "exit" in record:
+            exited = self._exits.setdefault(record["pid"], loop.create_future())
+            if not exited.done():
+                exited.set_result(record["exit"])
+        else:
+            forked = self._forked.pop(record["id"], None)
+            if forked is not None and not forked.done():
+                forked.set_result(record["pid"])
+
+    def _fail_all(self) -> None:
+        for forked in self._forked.values():
+            if not forked.done():
+                forked.set_exception(RuntimeError("the zygote died before forking"))
+        for exited in self._exits.values():
+            if not exited.done():
+                exited.set_result(ZYGOTE_DIED)
+        self._forked.clear()
+        self._exits.clear()
+
+
+async def _reader(fd: int) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=2**24)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_write_pipe(
+        asyncio.Protocol, os.fdopen(fd, "wb", buffering=0)
+    )
+    transport.write(data)
+    transport.close()
