@@ -40,7 +40,7 @@ async def throughput(env: Env) -> dict:
     counts = await env.all_terminal(ids, timeout=1800)
     assert counts == {ExecutionStatus.SUCCEEDED: THROUGHPUT_N}, counts
     span = await env.pool.fetchval(
-        "SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM executions "
+        "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM executions "
         "WHERE id = ANY($1)", ids)
     return {"executions": THROUGHPUT_N, "submit_seconds": round(submitted, 2),
             "end_to_end_seconds": round(span, 2),
@@ -59,7 +59,7 @@ async def latency(env: Env) -> dict:
     counts = await env.all_terminal(ids, timeout=600)
     assert counts == {ExecutionStatus.SUCCEEDED: LATENCY_N}, counts
     rows = await env.pool.fetch(
-        "SELECT extract(epoch FROM started_at - created_at) AS s FROM executions "
+        "SELECT extract(epoch FROM started_at - created_at)::float8 AS s FROM executions "
         "WHERE id = ANY($1)", ids)
     waits = [float(r["s"]) for r in rows]
     return {"executions": LATENCY_N, "target_rate_per_second": LATENCY_RATE,
