@@ -4,6 +4,9 @@
 #   * rabbitmq-server (Debian package) if /usr/lib/rabbitmq/bin/rabbitmq-server is missing;
 #     the package's own service is kept from starting/running (scripts/stack.sh runs our node)
 #   * PostgreSQL server binaries if /usr/lib/postgresql/*/bin/initdb is missing
+#   * prometheus (Debian package: the `prometheus` and `promtool` binaries, used by
+#     tests/integration/test_compose.py and test_prometheus.py) if either is missing; the
+#     package's own service is kept from starting/running, like rabbitmq-server's
 #   * .venv (python3.11, or python3 >= 3.11) and `pip install -e '.[dev]'` whenever
 #     pyproject.toml is newer than .venv/.installed
 #
@@ -109,14 +112,41 @@ neutralize_debian_rabbitmq() {
     fi
 }
 
+# The Debian package's prometheus service (user prometheus, port 9090, data in
+# /var/lib/prometheus) must not run: the tests start their own prometheus processes.
+# shellcheck disable=SC2086 # $pids is a whitespace-separated list of pids
+neutralize_debian_prometheus() {
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        as_root systemctl disable --now prometheus.service || true
+    elif command -v update-rc.d >/dev/null 2>&1; then
+        as_root update-rc.d prometheus disable || true
+    fi
+    local pids
+    pids="$(pgrep -u prometheus -x prometheus 2>/dev/null || true)"
+    if [ -n "$pids" ]; then
+        note "stopping the Debian prometheus service (pids: $pids)"
+        as_root kill -TERM $pids || true
+        local deadline=$(( $(date +%s) + 30 ))
+        while [ -n "$(pgrep -u prometheus -x prometheus 2>/dev/null || true)" ] && [ "$(date +%s)" -lt "$deadline" ]; do
+            sleep 0.5
+        done
+        pids="$(pgrep -u prometheus -x prometheus 2>/dev/null || true)"
+        [ -z "$pids" ] || as_root kill -KILL $pids || true
+    fi
+}
+
 install_system_packages() {
-    local pkgs=() need_rabbit=0
+    local pkgs=() need_rabbit=0 need_prometheus=0
     if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
         pkgs+=(rabbitmq-server)
         need_rabbit=1
     fi
     if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
         pkgs+=(postgresql)
+    fi
+    if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+        pkgs+=(prometheus)
+        need_prometheus=1
     fi
     command -v curl >/dev/null 2>&1 || pkgs+=(curl ca-certificates)
     command -v flock >/dev/null 2>&1 || pkgs+=(util-linux)
@@ -131,6 +161,13 @@ install_system_packages() {
         neutralize_debian_rabbitmq
         [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] \
             || fail "rabbitmq-server installed but /usr/lib/rabbitmq/bin/rabbitmq-server is missing"
+    fi
+    if [ "$need_prometheus" = 1 ]; then
+        neutralize_debian_prometheus
+        command -v promtool >/dev/null 2>&1 \
+            || fail "prometheus installed but promtool is not on PATH"
+        command -v prometheus >/dev/null 2>&1 \
+            || fail "prometheus installed but the prometheus binary is not on PATH"
     fi
 }
 

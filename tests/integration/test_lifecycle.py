@@ -1,6 +1,6 @@
 """Cancel, retry and deadlines, on the real servers."""
 
-import asyncio
+import os
 import time
 
 from common.db import executions
@@ -28,25 +28,40 @@ async def test_cancel_works_in_every_non_terminal_state(env: Env):
     assert again.returncode == 1 and "already CANCELLED" in again.stderr
 
 
+async def sleeper_pid(env: Env, eid, pidfile) -> int:
+    """Wait until the shell action is RUNNING and has written its pid."""
+
+    async def started() -> int | None:
+        if await status_of(env, eid) == "RUNNING" and pidfile.exists():
+            text = pidfile.read_text().strip()
+            return int(text) if text else None
+        return None
+
+    return await wait_until(started, timeout=30, what="the child to start")
+
+
+async def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 async def test_cancelling_a_running_execution_kills_its_child_within_a_second(env: Env):
     env.executor()
     env.worker("w1")
     await env.live_workers(1)
-    marker = env.tmp / "still-running"
-    [eid] = await env.submit("shell", {"argv": [
-        "sh", "-c", f"sleep 2; touch {marker}"]})
-
-    async def running() -> bool:
-        return await status_of(env, eid) == "RUNNING"
-
-    await wait_until(running, timeout=30, what="RUNNING")
+    pidfile = env.tmp / "pid"
+    [eid] = await env.submit("shell", {"argv": ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]})
+    pid = await sleeper_pid(env, eid, pidfile)
     began = time.monotonic()
     result = env.cli("cancel", str(eid))
     assert result.returncode == 0 and "was RUNNING" in result.stdout
-    # The child would touch the marker at 2 s; a second after it should have, it hasn't.
-    await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - began)))
-    assert not marker.exists(), "the cancelled child kept running"
+    await wait_until(lambda: gone(pid), timeout=5, interval=0.02, what="the child to die")
+    assert time.monotonic() - began < 1.5
     e = await executions.get(env.pool, eid)
+    # The worker's own outcome write, after the kill, was fenced out.
     assert (e.status, e.reason) == (ExecutionStatus.CANCELLED, "cancelled")
 
 
@@ -69,14 +84,14 @@ async def test_an_attempt_past_its_start_to_close_timeout_is_timed_out_and_kille
     env.executor()
     env.worker("w1")
     await env.live_workers(1)
-    marker = env.tmp / "finished"
-    [eid] = await env.submit("shell", {"argv": ["sh", "-c", f"sleep 4; touch {marker}"]},
-                             timeout_s=1)
+    pidfile = env.tmp / "pid"
+    [eid] = await env.submit(
+        "shell", {"argv": ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]}, timeout_s=1)
+    pid = await sleeper_pid(env, eid, pidfile)
     await env.all_terminal([eid], timeout=30)
     e = await executions.get(env.pool, eid)
     assert (e.status, e.reason) == (ExecutionStatus.TIMED_OUT, "start_to_close_timeout")
-    await asyncio.sleep(4)  # past when the child would have finished
-    assert not marker.exists(), "the timed-out child kept running"
+    await wait_until(lambda: gone(pid), timeout=5, interval=0.05, what="the child to die")
 
 
 async def test_an_execution_no_worker_takes_fails_after_the_queue_timeout(env: Env):
