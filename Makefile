@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Prefix for recipes that need the stack's connection settings in their environment.
 WITH_STACK_ENV = stack_env="$$($(STACK) env)" && eval "$$stack_env" &&
 
-.PHONY: help install up down status env test demo bench drills lint clean
+.PHONY: help install up down status env test demo bench drills docs lint clean
 
 help: ## Show this help
 	@echo "Vigil make targets:"
@@ -50,6 +50,9 @@ bench: up ## Run the benchmarks (python -m bench.run) against the local stack
 
 drills: up ## Run the failure drills (tests/drills) against the local stack
 	@$(WITH_STACK_ENV) $(VENV)/bin/pytest -q tests/drills -p no:cacheprovider -s $(PYTEST_ARGS)
+
+docs: install ## Regenerate docs/configuration.md from the settings classes
+	@$(VENV)/bin/vigil config docs > docs/configuration.md
 
 lint: install ## ruff check .
 	@$(VENV)/bin/ruff check .

@@ -1,31 +1,41 @@
 """Settings, one class per concern, read from VIGIL_* environment variables.
 
 Each service builds the settings it needs once at start-up and passes them down;
-nothing deeper in the code reads the environment.
+nothing deeper in the code reads the environment. Secrets may also come from files
+(`VIGIL_SECRETS_DIR`, e.g. /run/secrets, one file per variable name).
+docs/configuration.md is generated from these classes (`vigil config docs`).
 """
 
 from __future__ import annotations
 
+import os
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _config(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix,
+                              secrets_dir=os.environ.get("VIGIL_SECRETS_DIR"))
 
 
 class DatabaseSettings(BaseSettings):
     """PostgreSQL connection: the source of truth."""
 
-    model_config = SettingsConfigDict(env_prefix="VIGIL_DB_")
+    model_config = _config("VIGIL_DB_")
 
-    host: str = "127.0.0.1"
-    port: int = Field(55432, ge=1, le=65535)
-    user: str = "vigil"
-    password: SecretStr = SecretStr("vigil")
-    name: str = "vigil"
-    pool_min_size: int = Field(1, ge=0, le=100)
-    pool_max_size: int = Field(10, ge=1, le=200)
-    connect_timeout_s: float = Field(5.0, gt=0, le=120)
-    command_timeout_s: float = Field(30.0, gt=0, le=3600)
+    host: str = Field("127.0.0.1", description="PostgreSQL host.")
+    port: int = Field(55432, ge=1, le=65535, description="PostgreSQL port.")
+    user: str = Field("vigil", description="Role to connect as (not a superuser).")
+    password: SecretStr = Field(SecretStr("vigil"), description="Password of that role.")
+    name: str = Field("vigil", description="Database name.")
+    pool_min_size: int = Field(1, ge=0, le=100, description="Connections kept open.")
+    pool_max_size: int = Field(10, ge=1, le=200, description="Most connections per process.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120,
+                                     description="Give up connecting after this long.")
+    command_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                     description="Give up on one statement after this long.")
 
     @property
     def address(self) -> str:
@@ -35,19 +45,24 @@ class DatabaseSettings(BaseSettings):
 class BrokerSettings(BaseSettings):
     """RabbitMQ connection: the transport."""
 
-    model_config = SettingsConfigDict(env_prefix="VIGIL_AMQP_")
+    model_config = _config("VIGIL_AMQP_")
 
-    host: str = "127.0.0.1"
-    port: int = Field(5672, ge=1, le=65535)
-    user: str = "vigil"
-    password: SecretStr = SecretStr("vigil")
-    vhost: str = "vigil"
-    # Where the event exchange plugin publishes (rabbitmq.conf event_exchange.vhost).
-    event_vhost: str = "vigil"
-    management_port: int = Field(15672, ge=1, le=65535)
-    heartbeat_s: int = Field(10, ge=5, le=20)
-    connect_timeout_s: float = Field(5.0, gt=0, le=120)
-    publish_timeout_s: float = Field(5.0, gt=0, le=60)
+    host: str = Field("127.0.0.1", description="RabbitMQ host.")
+    port: int = Field(5672, ge=1, le=65535, description="AMQP port.")
+    user: str = Field("vigil", description="User to connect as.")
+    password: SecretStr = Field(SecretStr("vigil"), description="Password of that user.")
+    vhost: str = Field("vigil", description="Virtual host of all of Vigil's queues.")
+    event_vhost: str = Field(
+        "vigil", description="Where the event exchange plugin publishes "
+                             "(rabbitmq.conf `event_exchange.vhost`).")
+    management_port: int = Field(15672, ge=1, le=65535,
+                                 description="Management HTTP API port (policies).")
+    heartbeat_s: int = Field(10, ge=5, le=20, description="AMQP heartbeat.")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120,
+                                     description="Give up connecting after this long.")
+    publish_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="A publish not confirmed within this fails, "
+                                      "and the execution goes back to REQUESTED.")
 
     @property
     def address(self) -> str:
@@ -65,45 +80,73 @@ class BrokerSettings(BaseSettings):
 class WorkerSettings(BaseSettings):
     """How a worker registers, heartbeats, runs attempts and shuts down."""
 
-    model_config = SettingsConfigDict(env_prefix="VIGIL_WORKER_")
+    model_config = _config("VIGIL_WORKER_")
 
-    name: str = "worker"
-    capacity: int = Field(4, ge=1, le=256)
-    runtimes: list[str] = ["shell", "python"]
-    action_modules: list[str] = ["examples.actions"]
-    heartbeat_interval_s: float = Field(10.0, gt=0, le=300)
-    shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
-    output_tail_bytes: int = Field(4096, ge=0, le=1_048_576)
-    ownership_check_interval_s: float = Field(1.0, gt=0, le=60)
-    retry_base_delay_s: float = Field(1.0, ge=0, le=3600)
-    retry_max_delay_s: float = Field(300.0, ge=0, le=86_400)
-    memory_high_ratio: float = Field(0.85, gt=0, le=1)
-    memory_low_ratio: float = Field(0.70, gt=0, lt=1)
-    metrics_host: str = "127.0.0.1"
-    # /metrics and /healthz; unset means not served.
-    metrics_port: int | None = Field(None, ge=1, le=65535)
+    name: str = Field("worker", description="Name shown in logs and the management UI.")
+    capacity: int = Field(4, ge=1, le=256, description="Attempts run at once.")
+    runtimes: list[str] = Field(["shell", "python"], description="Runtimes offered.")
+    action_modules: list[str] = Field(["examples.actions"],
+                                      description="Python modules that register actions.")
+    heartbeat_interval_s: float = Field(10.0, gt=0, le=300,
+                                        description="How often the worker heartbeats.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, how long running attempts may "
+                                         "finish before they are killed and retried.")
+    output_tail_bytes: int = Field(4096, ge=0, le=1_048_576,
+                                   description="How much of stdout/stderr is kept.")
+    ownership_check_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often the worker checks it still owns its "
+                                      "attempts (cancel, timeout) and samples memory.")
+    retry_base_delay_s: float = Field(1.0, ge=0, le=3600,
+                                      description="Backoff before the 2nd attempt.")
+    retry_max_delay_s: float = Field(300.0, ge=0, le=86_400, description="Backoff ceiling.")
+    memory_high_ratio: float = Field(0.85, gt=0, le=1,
+                                     description="Refuse work above this share of memory.max.")
+    memory_low_ratio: float = Field(0.70, gt=0, lt=1,
+                                    description="Take work again below this share.")
+    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
+    metrics_port: int | None = Field(None, ge=1, le=65535,
+                                     description="Port of /metrics and /healthz; unset: off.")
+
+    @model_validator(mode="after")
+    def _marks_in_order(self) -> WorkerSettings:
+        if self.memory_low_ratio >= self.memory_high_ratio:
+            raise ValueError("memory_low_ratio must be below memory_high_ratio")
+        return self
 
 
 class ExecutorSettings(BaseSettings):
     """Dispatch and the deadlines the executor enforces."""
 
-    model_config = SettingsConfigDict(env_prefix="VIGIL_EXECUTOR_")
+    model_config = _config("VIGIL_EXECUTOR_")
 
-    name: str = "executor"
-    dispatch_batch_size: int = Field(100, ge=1, le=10_000)
-    dispatch_poll_interval_s: float = Field(1.0, gt=0, le=60)
-    heartbeat_interval_s: float = Field(10.0, gt=0, le=300)
-    stale_after_heartbeats: float = Field(3.0, ge=1.5, le=100)
-    max_dispatches: int = Field(5, ge=1, le=1000)
-    monitor_interval_s: float = Field(1.0, gt=0, le=60)
-    monitor_batch_size: int = Field(500, ge=1, le=100_000)
-    schedule_to_start_timeout_s: float = Field(60.0, gt=0, le=86_400)
-    queue_timeout_s: float = Field(86_400.0, gt=0, le=30 * 86_400)
-    lost_retry_delay_s: float = Field(0.0, ge=0, le=3600)
-    worker_events: bool = True
-    metrics_host: str = "127.0.0.1"
-    # /metrics and /healthz; unset means not served.
-    metrics_port: int | None = Field(None, ge=1, le=65535)
+    name: str = Field("executor", description="Name shown in logs and the management UI.")
+    dispatch_batch_size: int = Field(100, ge=1, le=10_000,
+                                     description="Most executions dispatched per round.")
+    dispatch_poll_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Dispatch wakes on NOTIFY, and at least this often.")
+    heartbeat_interval_s: float = Field(10.0, gt=0, le=300,
+                                        description="The workers' heartbeat interval.")
+    stale_after_heartbeats: float = Field(
+        3.0, ge=1.5, le=100, description="A worker silent for this many intervals is LOST.")
+    max_dispatches: int = Field(
+        5, ge=1, le=1000, description="Deliveries of one attempt before it is FAILED.")
+    monitor_interval_s: float = Field(1.0, gt=0, le=60,
+                                      description="How often the timeout monitor sweeps.")
+    monitor_batch_size: int = Field(500, ge=1, le=100_000,
+                                    description="Most rows one sweep moves per cause.")
+    schedule_to_start_timeout_s: float = Field(
+        60.0, gt=0, le=86_400, description="SCHEDULED longer than this is redispatched.")
+    queue_timeout_s: float = Field(
+        86_400.0, gt=0, le=30 * 86_400,
+        description="REQUESTED longer than this is FAILED no_worker.")
+    lost_retry_delay_s: float = Field(
+        0.0, ge=0, le=3600, description="Delay before re-running a worker-lost attempt.")
+    worker_events: bool = Field(True, description="Follow broker events to see worker "
+                                                  "loss at once (heartbeats back it up).")
+    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
+    metrics_port: int | None = Field(None, ge=1, le=65535,
+                                     description="Port of /metrics and /healthz; unset: off.")
 
     @property
     def stale_after_s(self) -> float:
@@ -113,7 +156,14 @@ class ExecutorSettings(BaseSettings):
 class SubmitLimits(BaseSettings):
     """Bounds on what a submission may carry."""
 
-    model_config = SettingsConfigDict(env_prefix="VIGIL_SUBMIT_")
+    model_config = _config("VIGIL_SUBMIT_")
 
-    max_params_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576)
-    max_action_length: int = Field(200, ge=1, le=1000)
+    max_params_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576,
+                                  description="Largest params JSON accepted.")
+    max_action_length: int = Field(200, ge=1, le=1000,
+                                   description="Longest action name accepted.")
+
+
+ALL_SETTINGS: tuple[type[BaseSettings], ...] = (
+    DatabaseSettings, BrokerSettings, WorkerSettings, ExecutorSettings, SubmitLimits,
+)

@@ -39,8 +39,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 broker_app = typer.Typer(help="RabbitMQ topology.", no_args_is_help=True)
+config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(broker_app, name="broker")
+app.add_typer(config_app, name="config")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -408,3 +410,10 @@ def broker_setup() -> None:
     _run(body())
     output.console.print(f"broker topology declared on vhost {settings.vhost!r}")
 
+
+@config_app.command("docs")
+def config_docs() -> None:
+    """Print every setting as Markdown (the source of docs/configuration.md)."""
+    from services.cli.config_docs import render
+
+    typer.echo(render(), nl=False)
