@@ -54,6 +54,16 @@ RUN_TIME = Histogram(
     ["action", "outcome"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
 )
+EXECUTIONS = Gauge(
+    "vigil_executions", "Executions not yet finished, by state and action.",
+    ["state", "action"],
+)
+OLDEST_EXECUTION = Gauge(
+    "vigil_execution_oldest_age_seconds",
+    "How long the oldest execution in each unfinished state has been there.",
+    ["state", "action"],
+)
+WORKERS = Gauge("vigil_workers", "Workers by status.", ["status"])
 WORKER_IN_FLIGHT = Gauge("vigil_worker_in_flight", "Attempts running on this worker.")
 WORKER_CAPACITY = Gauge("vigil_worker_capacity", "Attempts this worker may run at once.")
 WORKER_MEMORY = Gauge("vigil_worker_memory_bytes", "Container memory in use (cgroup).")

@@ -216,3 +216,23 @@ async def retry(conn: Conn, execution_id: uuid.UUID, actor: str) -> int | None:
     """Re-run a FAILED, TIMED_OUT or CANCELLED execution; return the new attempt."""
     row = await conn.fetchrow(SQL["retry"], execution_id, actor)
     return row["attempt"] if row else None
+
+
+@dataclass(frozen=True)
+class InFlight:
+    status: ExecutionStatus
+    action: str
+    count: int
+    oldest_s: float
+
+
+async def non_terminal_by_action(conn: Conn) -> list[InFlight]:
+    return [InFlight(ExecutionStatus(r["status"]), r["action"], r["n"], r["oldest_s"])
+            for r in await conn.fetch(SQL["non_terminal_by_action"])]
+
+
+async def recent_activity(conn: Conn) -> tuple[int, float | None]:
+    """(executions finished in the last minute, age in s of the oldest unfinished)."""
+    row = await conn.fetchrow(SQL["recent_activity"])
+    assert row is not None
+    return row["finished_last_minute"], row["oldest_non_terminal_s"]

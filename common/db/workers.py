@@ -79,3 +79,7 @@ async def mark_lost(conn: Conn, worker_id: str, reason: str) -> bool:
 
 async def mark_stale_lost(conn: Conn, stale_after_s: float) -> list[str]:
     return [r["id"] for r in await conn.fetch(SQL["mark_stale_lost"], stale_after_s)]
+
+
+async def count_by_status(conn: Conn) -> dict[WorkerStatus, int]:
+    return {WorkerStatus(r["status"]): r["n"] for r in await conn.fetch(SQL["count_by_status"])}

@@ -306,17 +306,23 @@ def _memory(used: int | None, limit: int | None, pressure: bool) -> str:
 
 @app.command()
 def stats(as_json: JsonOpt = False) -> None:
-    """Count executions by state."""
+    """Counts by state, executions finished in the last minute, the oldest unfinished."""
 
     @_pooled
-    async def body(pool: asyncpg.Pool) -> dict:
-        return await executions.count_by_status(pool)
+    async def body(pool: asyncpg.Pool) -> tuple[dict, int, float | None]:
+        counts = await executions.count_by_status(pool)
+        return counts, *await executions.recent_activity(pool)
 
-    counts = body()
+    counts, last_minute, oldest = body()
     if as_json:
-        output.emit_json({str(k): v for k, v in counts.items()})
+        output.emit_json({"by_status": {str(k): v for k, v in counts.items()},
+                          "finished_last_minute": last_minute,
+                          "oldest_unfinished_age_s": oldest})
         return
     output.table(None, ["status", "count"], [(k, v) for k, v in counts.items()])
+    output.console.print(f"finished in the last minute: {last_minute}")
+    output.console.print("oldest unfinished: "
+                         + (f"{output.seconds(oldest)} old" if oldest is not None else "none"))
 
 
 # ---- services --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from common.config import BrokerSettings, DatabaseSettings, ExecutorSettings
 from common.loops import run_loop
 from services.executor.dead_letters import DeadLetterHandler
 from services.executor.dispatcher import Dispatcher
+from services.executor.gauges import Gauges
 from services.executor.monitor import TimeoutMonitor
 from services.executor.worker_events import EVENT_EXCHANGE, EVENTS, WorkerEventHandler
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "vigil_dispatch"
 LISTENER_CHECK_INTERVAL_S = 1.0
+GAUGES_INTERVAL_S = 5.0
 
 
 class Executor:
@@ -86,6 +88,7 @@ class Executor:
                        self._dispatch_now),
             self._loop("timeout_monitor", monitor.sweep, s.monitor_interval_s, self._sweep_now),
             self._loop("dispatch_listener", self._keep_listening, LISTENER_CHECK_INTERVAL_S),
+            self._loop("gauges", Gauges(pool).refresh, GAUGES_INTERVAL_S),
         ]
         log.info("executor %s ready", self.id, extra={"event": "executor_ready"})
 

@@ -328,3 +328,19 @@ WITH moved AS (
     SELECT id, attempt, 0, from_status, 'REQUESTED', 'retry_requested', $2 FROM moved
 )
 SELECT from_status, attempt FROM moved;
+
+-- name: non_terminal_by_action
+-- For the metrics: work in flight per state and action, and how long the oldest has been
+-- in that state. Terminal states are counted by the transitions counter instead.
+SELECT status, action, count(*) AS n,
+       extract(epoch FROM now() - min(updated_at))::float8 AS oldest_s
+FROM executions
+WHERE status IN ('REQUESTED', 'SCHEDULED', 'RUNNING')
+GROUP BY status, action;
+
+-- name: recent_activity
+-- For `vigil stats`: what finished in the last minute, and the oldest unfinished.
+SELECT (SELECT count(*) FROM executions WHERE finished_at > now() - interval '1 minute')
+           AS finished_last_minute,
+       (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM executions
+        WHERE status IN ('REQUESTED', 'SCHEDULED', 'RUNNING')) AS oldest_non_terminal_s;

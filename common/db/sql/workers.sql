@@ -74,3 +74,6 @@ SET status = 'LOST', status_reason = 'heartbeat stale', stopped_at = now()
 WHERE status IN ('ACTIVE', 'DRAINING')
   AND last_heartbeat_at <= now() - make_interval(secs => $1::float8)
 RETURNING id;
+
+-- name: count_by_status
+SELECT status, count(*) AS n FROM workers GROUP BY status;

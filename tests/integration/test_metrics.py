@@ -1,0 +1,69 @@
+"""Metrics and health, scraped over HTTP from real service processes."""
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+from tests.harness import Env, wait_until
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in Prometheus text format, or None."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == name or (want and series.startswith(name + "{") and all(
+                f'{k}="{v}"' in series for k, v in labels.items())):
+            return float(value)
+    return None
+
+
+async def scrape_until(port: int, check, what: str) -> str:
+    async def ready() -> str | None:
+        status, text = await asyncio.to_thread(get, port, "/metrics")
+        return text if status == 200 and check(text) else None
+
+    return await wait_until(ready, timeout=30, interval=0.2, what=what)
+
+
+async def test_executor_and_worker_export_metrics_and_health(env: Env):
+    env.executor(metrics_port=19301)
+    env.worker("w1", capacity=3, metrics_port=19302)
+    await env.live_workers(1)
+    await env.submit("nobody.offers.this")
+    ids = await env.submit("demo.add", {"a": 1, "b": 2}, n=5)
+    await env.all_terminal(ids, timeout=30)
+
+    executor = await scrape_until(
+        19301, lambda t: sample(t, "vigil_executions", state="REQUESTED",
+                                action="nobody.offers.this") == 1,
+        "the executions gauge")
+    assert sample(executor, "vigil_workers", status="ACTIVE") == 1
+    assert sample(executor, "vigil_transitions_total", from_state="REQUESTED",
+                  to_state="SCHEDULED", reason="dispatched") == 5
+    assert sample(executor, "vigil_loop_last_completed_timestamp_seconds", loop="dispatch")
+    status, health = await asyncio.to_thread(get, 19301, "/healthz")
+    assert status == 200 and json.loads(health)["ok"] is True
+
+    worker = await scrape_until(
+        19302, lambda t: sample(t, "vigil_worker_capacity") == 3, "the worker's capacity")
+    assert sample(worker, "vigil_transitions_total", from_state="RUNNING",
+                  to_state="SUCCEEDED", reason="succeeded") == 5
+    assert sample(worker, "vigil_worker_in_flight") == 0
+    status, _ = await asyncio.to_thread(get, 19302, "/healthz")
+    assert status == 200
+
+    stats = json.loads(env.cli("stats", "--json").stdout)
+    assert stats["by_status"] == {"REQUESTED": 1, "SUCCEEDED": 5}
+    assert stats["finished_last_minute"] == 5 and stats["oldest_unfinished_age_s"] > 0
