@@ -94,6 +94,7 @@ class HistoryEntry(BaseModel):
     reason: str
     actor: str
     worker_id: str | None
+    error: Any
     at: datetime
 
 

@@ -225,9 +225,10 @@ def show(
         if value not in (None, ""):
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             output.console.print(f"{name:>10}  {text}", markup=False)
-    output.table("history", ["at", "attempt", "dispatch", "from", "to", "reason", "by"], [
+    output.table("history", ["at", "attempt", "dispatch", "from", "to", "reason", "by",
+                             "error"], [
         (output.when(h.at), h.attempt, h.dispatch, h.from_status or "", h.to_status, h.reason,
-         h.actor) for h in hist
+         h.actor, (h.error or {}).get("message", "")) for h in hist
     ])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import urllib.request
@@ -226,3 +227,50 @@ async def test_undelivered_messages_dead_letter_at_ttl_and_are_redispatched(
     assert await env.pool.fetchval(
         "SELECT count(*) FROM executions WHERE id = ANY($1) AND status = 'SUCCEEDED'",
         ids) == 10
+
+
+async def test_a_second_sigterm_exits_at_once_and_takes_the_children(
+    env: Env, drill_report: DrillResult
+):
+    env.executor()
+    victim = env.worker("victim", capacity=1)
+    victim_id = await worker_id(env, "victim")
+    pidfile = env.tmp / "child.pid"
+    [eid] = await env.submit("shell", {"argv": ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]})
+
+    async def child_pid() -> int | None:
+        if pidfile.exists() and pidfile.read_text().strip():
+            return int(pidfile.read_text())
+        return None
+
+    pid = await wait_until(child_pid, timeout=30, what="the attempt to start")
+    victim.signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        return await env.pool.fetchval(
+            "SELECT status FROM workers WHERE id = $1", victim_id) == "DRAINING"
+
+    await wait_until(draining, timeout=5, interval=0.02, what="DRAINING")
+    second_at = time.monotonic()
+    victim.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(victim.wait, 5)
+    exited = time.monotonic() - second_at
+
+    async def child_gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await wait_until(child_gone, timeout=5, interval=0.02, what="the child to die with it")
+    drill_report.figures.update(exit_s=round(exited, 2))
+    assert code == 130 and exited < 1.0
+
+    # The attempt it abandoned is recovered like any other lost one: attempt 2, waiting.
+    async def retried() -> bool:
+        row = await env.pool.fetchrow(
+            "SELECT status, attempt FROM executions WHERE id = $1", eid)
+        return (row["status"], row["attempt"]) == ("REQUESTED", 2)
+
+    await wait_until(retried, timeout=10, what="the abandoned attempt to be retried")

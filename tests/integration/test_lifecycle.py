@@ -111,3 +111,19 @@ async def test_submit_wait_exits_0_on_success_and_1_on_failure(env: Env):
     assert ok.returncode == 0 and "SUCCEEDED" in ok.stdout
     bad = env.cli("submit", "demo.fail", "--max-attempts", "1", "--wait")
     assert bad.returncode == 1 and "FAILED" in bad.stdout
+
+
+async def test_each_failed_attempt_keeps_its_own_cause_in_the_history(env: Env):
+    env.executor()
+    env.worker("w1")
+    await env.live_workers(1)
+    [eid] = await env.submit("demo.fail", {"message": "boom"}, max_attempts=2)
+    await env.all_terminal([eid], timeout=30)
+    ended = await env.pool.fetch(
+        "SELECT attempt, to_status, reason, error FROM execution_history "
+        "WHERE execution_id = $1 AND from_status = 'RUNNING' ORDER BY id", eid)
+    assert [(r["to_status"], r["reason"]) for r in ended] == [
+        ("REQUESTED", "action_error"), ("FAILED", "action_error")]
+    assert all(r["error"]["message"] == "boom" for r in ended)
+    shown = env.cli("show", str(eid))
+    assert shown.stdout.count("boom") >= 2

@@ -65,6 +65,8 @@ CREATE TABLE execution_history (
     reason       text NOT NULL,
     actor        text NOT NULL,
     worker_id    text,
+    -- The error of the attempt this transition ended, so each attempt keeps its cause.
+    error        jsonb,
     at           timestamptz NOT NULL DEFAULT now(),
     -- A lifecycle event happens once per (execution, attempt, dispatch, state).
     UNIQUE (execution_id, attempt, dispatch, to_status)

@@ -138,14 +138,14 @@ WITH moved AS (
         result = $6, error = $7, reason = $8, updated_at = now()
     WHERE id = $1 AND status = 'RUNNING' AND attempt = $2 AND dispatches = $9
       AND worker_id = $3
-    RETURNING id, status, worker_id
+    RETURNING id, status, worker_id, error
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id)
+                                   reason, actor, worker_id, error)
     -- A retry is recorded as the next attempt being requested (dispatch 0).
     SELECT id, CASE WHEN status = 'REQUESTED' THEN $2 + 1 ELSE $2 END,
            CASE WHEN status = 'REQUESTED' THEN 0 ELSE $9 END,
-           'RUNNING', status, $8, 'worker:' || $3, worker_id
+           'RUNNING', status, $8, 'worker:' || $3, worker_id, error
     FROM moved
 )
 SELECT id, status FROM moved;
@@ -234,11 +234,11 @@ WITH lost AS (
     FROM lost l
     WHERE e.id = l.id AND e.status = 'RUNNING'
     -- The new row: a retry is recorded as the next attempt requested (dispatch 0).
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id, l.why
+    RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id, e.error, l.why
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id)
-    SELECT id, attempt, dispatches, 'RUNNING', status, 'worker_lost', $4, worker_id
+                                   reason, actor, worker_id, error)
+    SELECT id, attempt, dispatches, 'RUNNING', status, 'worker_lost', $4, worker_id, error
     FROM moved
 )
 SELECT status, why, count(*) AS n FROM moved GROUP BY status, why;
