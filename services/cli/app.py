@@ -152,18 +152,23 @@ def submit(
 
 
 async def _wait_for_end(pool: asyncpg.Pool, execution_id: Any, timeout_s: float) -> Execution:
-    deadline = time.monotonic() + timeout_s
+    """Poll until the execution ends, showing its state on a terminal as it goes."""
+    began = time.monotonic()
     delay = 0.05
-    while True:
-        current = await executions.get(pool, execution_id)
-        assert current is not None
-        if current.status in TERMINAL:
-            return current
-        if time.monotonic() > deadline:
-            raise VigilError(f"execution {execution_id} still {current.status} "
-                             f"after {timeout_s:g}s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+    with output.progress(f"waiting for {execution_id}") as show:
+        while True:
+            current = await executions.get(pool, execution_id)
+            assert current is not None
+            if current.status in TERMINAL:
+                return current
+            waited = time.monotonic() - began
+            if waited > timeout_s:
+                raise VigilError(f"execution {execution_id} still {current.status} "
+                                 f"after {timeout_s:g}s")
+            show(f"{current.status}, attempt {current.attempt} of {current.max_attempts} "
+                 f"({output.seconds(waited)})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
 
 
 @app.command("ls")

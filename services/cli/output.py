@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,16 @@ def seconds(s: float | None) -> str:
     if s is None:
         return ""
     return f"{s * 1000:.0f}ms" if s < 1 else f"{s:.1f}s"
+
+
+@contextmanager
+def progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A live status line on stderr when it is a terminal; silent otherwise."""
+    if not errors.is_terminal:
+        yield lambda _: None
+        return
+    with errors.status(title) as status:
+        yield lambda text: status.update(f"{title}: {text}")
 
 
 def warn(message: str) -> None:
