@@ -24,8 +24,8 @@ import asyncpg
 
 from common import broker, db
 from common.config import BrokerSettings, DatabaseSettings
-from common.errors import BrokerUnavailable
 from common.db import executions
+from common.errors import BrokerUnavailable
 from common.models import TERMINAL, ExecutionStatus
 
 REPO = Path(__file__).resolve().parent.parent
