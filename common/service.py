@@ -1,4 +1,4 @@
-"""Running a long-lived service: uvloop, signals, metrics thread.
+"""Running a long-lived service: uvloop, signals, an orderly shutdown.
 
 A signal handler only sets an event; the shutdown itself runs in ordinary code.
 A second SIGTERM or SIGINT exits at once.
@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import uvloop
 
@@ -19,8 +19,15 @@ log = logging.getLogger(__name__)
 EXIT_NOW = 130
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run main(stop) on uvloop; SIGTERM/SIGINT set `stop`, a second one exits."""
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+def run(service: Service) -> None:
+    """Start the service on uvloop and run it until SIGTERM or SIGINT, then shut it
+    down in order; a second signal exits at once."""
 
     async def wrapper() -> None:
         stop = asyncio.Event()
@@ -36,6 +43,10 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await main(stop)
+        await service.start()
+        try:
+            await stop.wait()
+        finally:
+            await service.shutdown()
 
     uvloop.run(wrapper())

@@ -53,6 +53,15 @@ def main() -> None:
     app()
 
 
+def _parse(parse: Callable[..., T], *args: Any) -> T:
+    """Parse what the user typed, or exit 2 with one line naming the problem."""
+    try:
+        return parse(*args)
+    except InvalidInput as exc:
+        output.fail(str(exc))
+        raise typer.Exit(2) from None
+
+
 def _run(coro: Awaitable[T]) -> T:
     """Run a command's coroutine; turn Vigil's errors into one line and an exit code."""
     try:
@@ -114,12 +123,8 @@ def submit(
 ) -> None:
     """Submit an execution of ACTION and print its id."""
     limits = SubmitLimits()
-    try:
-        action = inputs.parse_action(action, limits.max_action_length)
-        params = inputs.parse_params(param or [], params_json, limits.max_params_bytes)
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
+    action = _parse(inputs.parse_action, action, limits.max_action_length)
+    params = _parse(inputs.parse_params, param or [], params_json, limits.max_params_bytes)
 
     async def body(pool: asyncpg.Pool) -> Execution | None:
         submitted = await executions.insert(
@@ -200,11 +205,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one execution with its whole history."""
-    try:
-        eid = inputs.parse_execution_id(execution_id)
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
+    eid = _parse(inputs.parse_execution_id, execution_id)
 
     @_pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list, bool]:
@@ -240,11 +241,7 @@ def show(
 @app.command()
 def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
     """Cancel an execution in any non-terminal state; a running child is killed."""
-    try:
-        eid = inputs.parse_execution_id(execution_id)
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
+    eid = _parse(inputs.parse_execution_id, execution_id)
 
     @_pooled
     async def body(pool: asyncpg.Pool) -> None:
@@ -261,11 +258,7 @@ def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.
 @app.command()
 def retry(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
     """Run a FAILED, TIMED_OUT or CANCELLED execution again, as a new attempt."""
-    try:
-        eid = inputs.parse_execution_id(execution_id)
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
+    eid = _parse(inputs.parse_execution_id, execution_id)
 
     @_pooled
     async def body(pool: asyncpg.Pool) -> None:
@@ -369,11 +362,7 @@ def worker(
     overrides: dict[str, Any] = {"name": name, "capacity": capacity,
                                  "action_modules": actions, "metrics_port": metrics_port}
     if runtime is not None:
-        try:
-            overrides["runtimes"] = inputs.parse_runtimes(runtime, RUNTIMES)
-        except InvalidInput as exc:
-            output.fail(str(exc))
-            raise typer.Exit(2) from None
+        overrides["runtimes"] = _parse(inputs.parse_runtimes, runtime, RUNTIMES)
     settings = _settings(WorkerSettings, overrides)
     run_worker(settings, DatabaseSettings(), BrokerSettings(), log_level)
 

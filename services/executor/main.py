@@ -19,4 +19,4 @@ def run_executor(
         metrics.serve(settings.metrics_host, settings.metrics_port, metrics.loops_health(
             {"dispatch": stalled_after, "timeout_monitor": stalled_after}
         ))
-    service.run(executor.run)
+    service.run(executor)

@@ -52,13 +52,6 @@ class Executor:
         # something still references them.
         self._keep: list[object] = []
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.shutdown()
-
     async def start(self) -> None:
         s = self.settings
         pool = self._pool = await db.connect(

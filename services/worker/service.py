@@ -109,14 +109,6 @@ class Worker:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set, then drain and exit cleanly."""
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.shutdown()
-
     async def start(self) -> None:
         if self._forkserver is not None:
             await self._forkserver.start()
