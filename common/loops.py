@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from common.errors import describe
-from common.metrics import LOOP_DURATION, LOOP_ERRORS, LOOP_LAST_COMPLETED
+from common.metrics import LOOP_DURATION, LOOP_ERRORS, loop_completed
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ async def run_loop(
             continue
         failures = 0
         LOOP_DURATION.labels(name).observe(time.monotonic() - started)
-        LOOP_LAST_COMPLETED.labels(name).set_to_current_time()
+        loop_completed(name)
         await _wait(stop, wake, interval_s)
 
 

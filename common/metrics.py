@@ -73,6 +73,14 @@ WORKER_PRESSURE = Gauge(
 
 HealthCheck = Callable[[], tuple[bool, dict]]
 
+# When each loop last completed (monotonic), for /healthz; the gauge is for Prometheus.
+_loop_completed_at: dict[str, float] = {}
+
+
+def loop_completed(loop: str) -> None:
+    _loop_completed_at[loop] = time.monotonic()
+    LOOP_LAST_COMPLETED.labels(loop).set_to_current_time()
+
 
 class _Handler(BaseHTTPRequestHandler):
     health: HealthCheck = staticmethod(lambda: (True, {}))
@@ -109,11 +117,11 @@ def loops_health(max_age_s: dict[str, float]) -> HealthCheck:
     """Healthy while every named loop completed an iteration within its allowed age."""
 
     def check() -> tuple[bool, dict]:
-        now = time.time()
+        now = time.monotonic()
         ages = {}
         for loop in max_age_s:
-            last = LOOP_LAST_COMPLETED.labels(loop)._value.get()
-            ages[loop] = round(now - last, 3) if last else None
+            last = _loop_completed_at.get(loop)
+            ages[loop] = round(now - last, 3) if last is not None else None
         ok = all(a is not None and a <= max_age_s[name] for name, a in ages.items())
         return ok, {"loop_age_s": ages}
 

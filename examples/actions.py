@@ -37,9 +37,10 @@ def fail(ctx: Context) -> None:
     raise ValueError(ctx.params.get("message", "failing on purpose"))
 
 
-@action("demo.crash")
+@action("demo.crash", max_attempts=1)
 def crash(ctx: Context) -> None:
-    """Dies the way an OOM kill or a segfault would: the worker must survive it."""
+    """Dies the way an OOM kill or a segfault would: the worker must survive it. Not
+    worth retrying unless a submission asks for it (--max-attempts)."""
     os.kill(os.getpid(), signal.SIGKILL)
 
 

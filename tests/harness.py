@@ -190,7 +190,7 @@ class Env:
         for _ in range(n):
             s = await executions.insert(
                 self.pool, action=action, params=params or {},
-                max_attempts=kw.get("max_attempts", 3), timeout_s=kw.get("timeout_s", 3600),
+                max_attempts=kw.get("max_attempts"), timeout_s=kw.get("timeout_s"),
                 idempotency_key=kw.get("idempotency_key"), actor="test",
             )
             ids.append(s.id)

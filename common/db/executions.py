@@ -52,11 +52,13 @@ async def insert(
     *,
     action: str,
     params: Any,
-    max_attempts: int,
-    timeout_s: int,
+    max_attempts: int | None,
+    timeout_s: int | None,
     idempotency_key: str | None,
     actor: str,
 ) -> Submitted:
+    """Insert a REQUESTED execution (unset limits take the action's defaults); with an
+    idempotency key already used, return that execution instead."""
     row = await conn.fetchrow(
         SQL["insert"], action, params, max_attempts, timeout_s, idempotency_key, actor
     )

@@ -11,10 +11,14 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
 
 from common import broker, db
 from common.config import (
@@ -28,7 +32,7 @@ from common.db import executions, workers
 from common.db.migrate import migrate
 from common.db.pool import CONNECTION_ERRORS
 from common.errors import DatabaseUnavailable, InvalidInput, VigilError
-from common.models import TERMINAL, Execution, ExecutionStatus
+from common.models import TERMINAL, Execution, ExecutionStatus, Worker
 from services.cli import inputs, output
 
 app = typer.Typer(
@@ -107,10 +111,14 @@ def submit(
     params_json: Annotated[str | None, typer.Option(
         "--params-json", help="All parameters as a JSON object, or @FILE to read one.",
     )] = None,
-    max_attempts: Annotated[int, typer.Option(min=1, max=100)] = 3,
-    timeout: Annotated[int, typer.Option(
-        min=1, max=7 * 86_400, help="Start-to-close timeout of each attempt, in seconds.",
-    )] = 3600,
+    max_attempts: Annotated[int | None, typer.Option(
+        min=1, max=100, help="Attempts before it is FAILED [default: the action's, or 3].",
+    )] = None,
+    timeout: Annotated[int | None, typer.Option(
+        min=1, max=7 * 86_400,
+        help="Start-to-close timeout of each attempt, in seconds [default: the action's, "
+             "or 3600].",
+    )] = None,
     idempotency_key: Annotated[str | None, typer.Option(
         help="Submitting the same key again returns the existing execution.",
     )] = None,
@@ -286,8 +294,12 @@ def list_workers(as_json: JsonOpt = False) -> None:
     if as_json:
         output.emit_json(rows)
         return
-    output.table(None, ["id", "status", "heartbeat", "in flight", "runtimes", "memory",
-                        "host/pid"], [
+    output.console.print(_workers_table(rows))
+
+
+def _workers_table(rows: list[Worker]) -> Table:
+    return output.make_table(None, ["id", "status", "heartbeat", "in flight", "runtimes",
+                                    "memory", "host/pid"], [
         (w.id, f"{w.status}{' (stale)' if w.stale and w.status == 'ACTIVE' else ''}",
          f"{output.seconds(w.heartbeat_age_s)} ago", f"{w.in_flight}/{w.capacity}",
          ",".join(w.runtimes), _memory(w.memory_bytes, w.memory_limit_bytes,
@@ -303,25 +315,65 @@ def _memory(used: int | None, limit: int | None, pressure: bool) -> str:
     return text + (" PRESSURE" if pressure else "")
 
 
+@dataclass(frozen=True)
+class _Stats:
+    by_status: dict[ExecutionStatus, int]
+    finished_last_minute: int
+    oldest_unfinished_age_s: float | None
+
+    def table(self) -> Table:
+        oldest = self.oldest_unfinished_age_s
+        return output.make_table(None, ["status", "count"], [
+            *((k, v) for k, v in self.by_status.items()),
+            ("finished in the last minute", self.finished_last_minute),
+            ("oldest unfinished", f"{output.seconds(oldest)} old" if oldest else "none"),
+        ])
+
+
+async def _stats(pool: asyncpg.Pool) -> _Stats:
+    return _Stats(await executions.count_by_status(pool),
+                  *await executions.recent_activity(pool))
+
+
 @app.command()
 def stats(as_json: JsonOpt = False) -> None:
     """Counts by state, executions finished in the last minute, the oldest unfinished."""
+    s = _pooled(_stats)()
+    if as_json:
+        output.emit_json({"by_status": {str(k): v for k, v in s.by_status.items()},
+                          "finished_last_minute": s.finished_last_minute,
+                          "oldest_unfinished_age_s": s.oldest_unfinished_age_s})
+        return
+    output.console.print(s.table())
+
+
+@app.command()
+def top(
+    interval: Annotated[float, typer.Option(min=0.2, max=60, help="Seconds between refreshes.")]
+    = 1.0,
+    iterations: Annotated[int | None, typer.Option(
+        min=1, help="Stop after this many refreshes (default: until Ctrl-C).")] = None,
+) -> None:
+    """A live view of executions and workers, refreshed every second."""
+    stale_after_s = ExecutorSettings().stale_after_s
 
     @_pooled
-    async def body(pool: asyncpg.Pool) -> tuple[dict, int, float | None]:
-        counts = await executions.count_by_status(pool)
-        return counts, *await executions.recent_activity(pool)
+    async def body(pool: asyncpg.Pool) -> None:
+        with Live(console=output.console, auto_refresh=False) as live:
+            n = 0
+            while iterations is None or n < iterations:
+                s = await _stats(pool)
+                rows = await workers.list_all(pool, stale_after_s)
+                live.update(Group(f"vigil top  {time.strftime('%H:%M:%S')}", s.table(), "",
+                                  _workers_table(rows)), refresh=True)
+                n += 1
+                if iterations is None or n < iterations:
+                    await asyncio.sleep(interval)
 
-    counts, last_minute, oldest = body()
-    if as_json:
-        output.emit_json({"by_status": {str(k): v for k, v in counts.items()},
-                          "finished_last_minute": last_minute,
-                          "oldest_unfinished_age_s": oldest})
-        return
-    output.table(None, ["status", "count"], [(k, v) for k, v in counts.items()])
-    output.console.print(f"finished in the last minute: {last_minute}")
-    output.console.print("oldest unfinished: "
-                         + (f"{output.seconds(oldest)} old" if oldest is not None else "none"))
+    try:
+        body()
+    except KeyboardInterrupt:
+        pass
 
 
 # ---- services --------------------------------------------------------------------------

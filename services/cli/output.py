@@ -29,13 +29,19 @@ def emit_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, default=default, indent=2) + "\n")
 
 
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def make_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> Table:
     t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
-    console.print(t)
+    return t
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    console.print(make_table(title, columns, rows))
 
 
 def when(t: datetime | None) -> str:

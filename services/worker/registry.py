@@ -18,7 +18,21 @@ from typing import Any
 
 ActionFn = Callable[["Context"], Any]
 
-_REGISTRY: dict[str, ActionFn] = {}
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """An action and the defaults a submission of it gets unless it says otherwise."""
+
+    name: str
+    fn: ActionFn | None  # None for built-ins run by another runtime (shell)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout_s: int = DEFAULT_TIMEOUT_S
+
+
+_REGISTRY: dict[str, ActionSpec] = {}
 
 
 @dataclass
@@ -40,21 +54,26 @@ class Context:
         self._save(data)
 
 
-def action(name: str) -> Callable[[ActionFn], ActionFn]:
+def action(
+    name: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, timeout_s: int = DEFAULT_TIMEOUT_S
+) -> Callable[[ActionFn], ActionFn]:
+    """Register a python action; its defaults apply to submissions that don't set them."""
     if not name or len(name) > 200:
         raise ValueError(f"action name must be 1..200 characters: {name!r}")
+    if max_attempts < 1 or timeout_s < 1:
+        raise ValueError(f"action {name!r}: max_attempts and timeout_s must be positive")
 
     def register(fn: ActionFn) -> ActionFn:
         existing = _REGISTRY.get(name)
-        if existing is not None and existing is not fn:
+        if existing is not None and existing.fn is not fn:
             raise ValueError(f"action {name!r} is registered twice")
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = ActionSpec(name, fn, max_attempts, timeout_s)
         return fn
 
     return register
 
 
-def load(modules: list[str]) -> dict[str, ActionFn]:
+def load(modules: list[str]) -> dict[str, ActionSpec]:
     """Import the modules that define actions; return every registered action by name."""
     for module in modules:
         importlib.import_module(module)
@@ -62,4 +81,5 @@ def load(modules: list[str]) -> dict[str, ActionFn]:
 
 
 def lookup(name: str) -> ActionFn | None:
-    return _REGISTRY.get(name)
+    spec = _REGISTRY.get(name)
+    return spec.fn if spec else None

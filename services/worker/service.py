@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from common import broker, db
 from common.config import BrokerSettings, DatabaseSettings, WorkerSettings
-from common.db import executions, workers
+from common.db import actions, executions, workers
 from common.errors import describe
 from common.loops import RateLimitedLog, run_loop
 from common.metrics import (
@@ -57,8 +57,6 @@ class Running:
 
     execution_id: uuid.UUID
     attempt: int
-    dispatch: int
-    action: str
     task: asyncio.Task[None] = field(repr=False)
     # Why the task was cancelled: "not_owned" (someone else moved it: write nothing)
     # or "shutdown" (grace expired: release it for retry).
@@ -74,9 +72,11 @@ class Worker:
         self.db_settings = db_settings
         self.broker_settings = broker_settings
         self.id = f"{settings.name}-{uuid.uuid4().hex[:8]}"
-        self.actions = self._offered_actions()
+        self.offered = self._offered_actions()
         self.running: dict[uuid.UUID, Running] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Dispatches between their delivery and their entry in `running`.
+        self._claiming: set[DispatchMessage] = set()
         self.draining = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.capacity)
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
@@ -94,12 +94,13 @@ class Worker:
         self._bad_log = RateLimitedLog(log)
         WORKER_CAPACITY.set(settings.capacity)
 
-    def _offered_actions(self) -> list[str]:
-        offered: list[str] = []
+    def _offered_actions(self) -> list[registry.ActionSpec]:
+        offered: list[registry.ActionSpec] = []
         if "shell" in self.settings.runtimes:
-            offered.append(runtimes.SHELL_ACTION)
+            offered.append(registry.ActionSpec(runtimes.SHELL_ACTION, None))
         if "python" in self.settings.runtimes:
-            offered.extend(sorted(registry.load(self.settings.action_modules)))
+            specs = registry.load(self.settings.action_modules)
+            offered.extend(specs[name] for name in sorted(specs))
         return offered
 
     @property
@@ -121,9 +122,12 @@ class Worker:
         dispatch = await broker.declare_topology(channel)
         self._queue = await channel.declare_queue(broker.worker_queue(self.id), durable=True)
         await self._queue.bind(dispatch, routing_key=self.id)
+        await actions.upsert(self.pool, [
+            actions.ActionDefaults(a.name, a.max_attempts, a.timeout_s) for a in self.offered
+        ])
         await workers.register(self.pool, workers.Registration(
             id=self.id, name=self.settings.name, hostname=socket.gethostname(), pid=os.getpid(),
-            runtimes=list(self.settings.runtimes), actions=self.actions,
+            runtimes=list(self.settings.runtimes), actions=[a.name for a in self.offered],
             capacity=self.settings.capacity,
         ))
         self._loops = [
@@ -138,7 +142,7 @@ class Worker:
         ]
         self._consumer_tag = await self._queue.consume(self._on_message)
         log.info("worker %s ready: capacity %d, actions %s", self.id, self.settings.capacity,
-                 ", ".join(self.actions), extra={"event": "worker_ready"})
+                 ", ".join(a.name for a in self.offered), extra={"event": "worker_ready"})
 
     async def shutdown(self) -> None:
         """DRAINING -> stop consuming -> reject unstarted -> wait up to the grace ->
@@ -231,11 +235,26 @@ class Worker:
             self._reject_bad(message, "malformed", describe(exc))
             await _settle(message, ack=False)
             return
+        current = self.running.get(dispatch.execution_id)
+        if dispatch in self._claiming or (current and current.attempt == dispatch.attempt):
+            # A redelivery (the ack was lost with the connection) of work already ours.
+            self._reject_bad(message, "duplicate", f"execution {dispatch.execution_id} "
+                             f"attempt {dispatch.attempt} is already running here")
+            await _settle(message, ack=False)
+            return
         if not await self._take_slot():
             # Draining, or no memory to spare: the dead-letter exchange hands it back to
             # the executor at once, which redispatches it elsewhere.
             await _settle(message, ack=False)
             return
+        self._claiming.add(dispatch)
+        try:
+            await self._claim(message, dispatch)
+        finally:
+            self._claiming.discard(dispatch)
+
+    async def _claim(self, message: AbstractIncomingMessage, dispatch: DispatchMessage) -> None:
+        """SCHEDULED -> RUNNING, then start the attempt and ack. Holds a slot."""
         try:
             started = await db.retrying(
                 lambda: executions.start(
@@ -260,9 +279,7 @@ class Worker:
         task = asyncio.create_task(
             self._run_attempt(started, dispatch.dispatch), name=f"attempt-{started.id}"
         )
-        self.running[started.id] = Running(
-            started.id, started.attempt, dispatch.dispatch, started.action, task
-        )
+        self.running[started.id] = Running(started.id, started.attempt, task)
         WORKER_IN_FLIGHT.set(len(self.running))
         task.add_done_callback(lambda _: self._attempt_done(started.id))
         TRANSITIONS.labels("SCHEDULED", "RUNNING", "started").inc()

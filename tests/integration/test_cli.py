@@ -86,3 +86,13 @@ async def test_every_command_has_help(env: Env):
         result = env.cli(command, "--help")
         assert result.returncode == 0, command
         assert "Usage" in result.stdout
+
+
+async def test_top_shows_executions_and_workers_then_stops(env: Env):
+    env.worker("w1", capacity=2)
+    await env.live_workers(1)
+    await env.submit("nobody.offers.this", n=2)
+    result = env.cli("top", "--iterations", "2", "--interval", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "REQUESTED" in result.stdout and "0/2" in result.stdout
+    assert "oldest unfinished" in result.stdout

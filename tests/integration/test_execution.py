@@ -132,6 +132,12 @@ async def test_a_fenced_update_with_a_stale_token_changes_nothing(env: Env):
                                   worker_id="w-a") is None  # wrong attempt
     assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
                                   worker_id="w-a") is not None
+    # The same token again (a retry after a lost reply) gets the row, and records nothing.
+    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
+                                  worker_id="w-a") is not None
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE execution_id = $1 "
+        "AND to_status = 'RUNNING'", eid) == 1
     before = await executions.get(env.pool, eid)
     stale = await executions.finish(
         env.pool, execution_id=eid, attempt=1, dispatch=1, worker_id="w-b",

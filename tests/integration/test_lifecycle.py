@@ -127,3 +127,17 @@ async def test_each_failed_attempt_keeps_its_own_cause_in_the_history(env: Env):
     assert all(r["error"]["message"] == "boom" for r in ended)
     shown = env.cli("show", str(eid))
     assert shown.stdout.count("boom") >= 2
+
+
+async def test_an_actions_defaults_apply_unless_the_submission_sets_its_own(env: Env):
+    env.executor()
+    env.worker("w1")
+    await env.live_workers(1)
+    [default] = await env.submit("demo.crash")  # @action("demo.crash", max_attempts=1)
+    [overridden] = await env.submit("demo.crash", max_attempts=2)
+    [other] = await env.submit("demo.noop")
+    await env.all_terminal([default, overridden, other], timeout=30)
+    d, o, n = [await executions.get(env.pool, e) for e in (default, overridden, other)]
+    assert (d.status, d.max_attempts, d.attempt) == (ExecutionStatus.FAILED, 1, 1)
+    assert (o.status, o.max_attempts, o.attempt) == (ExecutionStatus.FAILED, 2, 2)
+    assert (n.max_attempts, n.timeout_s) == (3, 3600)

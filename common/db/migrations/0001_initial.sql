@@ -19,6 +19,14 @@ CREATE TABLE workers (
     status_reason      text
 );
 
+-- What workers offer, with the defaults a submission gets unless it sets them.
+CREATE TABLE actions (
+    name         text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 200),
+    max_attempts integer NOT NULL CHECK (max_attempts >= 1),
+    timeout_s    integer NOT NULL CHECK (timeout_s > 0),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE executions (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     action          text NOT NULL CHECK (length(action) BETWEEN 1 AND 200),

@@ -3,10 +3,16 @@
 -- and writes its history row in the same statement.
 
 -- name: insert
+-- max_attempts and timeout_s, when NULL, come from the action's defaults (table actions).
 -- $1 action, $2 params, $3 max_attempts, $4 timeout_s, $5 idempotency_key, $6 actor
-WITH inserted AS (
+WITH defaults AS (
+    SELECT coalesce($3::int, (SELECT max_attempts FROM actions WHERE name = $1), 3)
+               AS max_attempts,
+           coalesce($4::int, (SELECT timeout_s FROM actions WHERE name = $1), 3600)
+               AS timeout_s
+), inserted AS (
     INSERT INTO executions (action, params, status, max_attempts, timeout_s, idempotency_key)
-    VALUES ($1, $2, 'REQUESTED', $3, $4, $5)
+    SELECT $1, $2, 'REQUESTED', max_attempts, timeout_s, $5 FROM defaults
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, attempt, dispatches
 ), history AS (
@@ -99,7 +105,10 @@ WITH moved AS (
 SELECT id, status FROM moved;
 
 -- name: start
--- The worker's SCHEDULED -> RUNNING; returns what the attempt needs.
+-- The worker's SCHEDULED -> RUNNING; returns what the attempt needs. Idempotent for
+-- the same token: if a commit's reply was lost (the database restarted), the retry
+-- finds the row already RUNNING for this very dispatch and gets it again. The worker
+-- itself makes sure it never runs one dispatch twice.
 -- $1 id, $2 attempt, $3 dispatch, $4 worker id
 WITH moved AS (
     UPDATE executions
@@ -114,7 +123,11 @@ WITH moved AS (
            worker_id
     FROM moved
 )
-SELECT id, action, params, attempt, timeout_s, checkpoint FROM moved;
+SELECT id, action, params, attempt, timeout_s, checkpoint FROM moved
+UNION ALL
+SELECT id, action, params, attempt, timeout_s, checkpoint FROM executions
+WHERE id = $1 AND status = 'RUNNING' AND attempt = $2 AND dispatches = $3 AND worker_id = $4
+  AND NOT EXISTS (SELECT 1 FROM moved);
 
 -- name: finish
 -- The worker's RUNNING -> SUCCEEDED or FAILED, or back to REQUESTED for another attempt
