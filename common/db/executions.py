@@ -175,6 +175,14 @@ async def running_not_owned(
     return {r["id"] for r in rows}
 
 
+async def running_unknown(
+    conn: Conn, worker_id: str, known: list[uuid.UUID]
+) -> list[tuple[uuid.UUID, int, int]]:
+    """(id, attempt, dispatch) of attempts RUNNING on this worker that it doesn't know."""
+    rows = await conn.fetch(SQL["running_unknown"], worker_id, known)
+    return [(r["id"], r["attempt"], r["dispatch"]) for r in rows]
+
+
 async def save_checkpoint(
     conn: Conn, *, execution_id: uuid.UUID, attempt: int, worker_id: str, checkpoint: Any
 ) -> bool:

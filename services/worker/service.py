@@ -202,9 +202,11 @@ class Worker:
 
     async def _check_ownership(self) -> None:
         """Kill attempts this worker no longer owns: cancelled, timed out, or reassigned
-        after it was presumed lost. Also watches memory between heartbeats."""
+        after it was presumed lost; release those it owns but lost track of. Also
+        watches memory between heartbeats."""
         if self._gate.update(memory.sample()):
             self._heartbeat_now.set()
+        await self._release_unknown()
         if not self.running:
             return
         lost = await executions.running_not_owned(
@@ -217,6 +219,19 @@ class Worker:
                          execution_id, r.attempt, extra={"event": "attempt_revoked"})
                 r.cancel_reason = "not_owned"
                 r.task.cancel()
+
+    async def _release_unknown(self) -> None:
+        known = [*self.running, *(d.execution_id for d in self._claiming)]
+        for execution_id, attempt, dispatch in await executions.running_unknown(
+            self.pool, self.id, known
+        ):
+            log.warning("execution %s attempt %d is RUNNING here by the database's books "
+                        "but not the worker's; releasing it for retry", execution_id, attempt,
+                        extra={"event": "attempt_orphaned"})
+            error = {"kind": "orphaned", "message": "the worker lost track of this attempt"}
+            token = DispatchMessage(execution_id=execution_id, attempt=attempt,
+                                    dispatch=dispatch)
+            await self._finish(token, ExecutionStatus.FAILED, 0.0, None, error, "orphaned")
 
     # ---- deliveries ------------------------------------------------------------------
 
@@ -342,7 +357,7 @@ class Worker:
     ) -> None:
         retry_delay = self._retry_delay(started.attempt) if outcome.retryable else None
         status = ExecutionStatus.SUCCEEDED if outcome.ok else ExecutionStatus.FAILED
-        await self._finish(started, dispatch, status, retry_delay, outcome.result,
+        await self._finish(_token(started, dispatch), status, retry_delay, outcome.result,
                            outcome.error, outcome.reason)
 
     async def _on_cancelled(self, started: executions.Started, dispatch: int) -> None:
@@ -352,29 +367,30 @@ class Worker:
         error = {"kind": "worker_shutdown",
                  "message": f"not finished within the {self.settings.shutdown_grace_s:g}s "
                             "shutdown grace; killed"}
-        await self._finish(started, dispatch, ExecutionStatus.FAILED, 0.0, None, error,
+        await self._finish(_token(started, dispatch), ExecutionStatus.FAILED, 0.0, None, error,
                            "worker_shutdown")
 
     async def _finish(
-        self, started: executions.Started, dispatch: int, status: ExecutionStatus,
-        retry_delay: float | None, result: Any, error: Any, reason: str,
+        self, token: DispatchMessage, status: ExecutionStatus, retry_delay: float | None,
+        result: Any, error: Any, reason: str,
     ) -> None:
+        """Record an attempt's outcome, fenced by its token."""
         try:
             new_status = await db.retrying(
                 lambda: executions.finish(
-                    self.pool, execution_id=started.id, attempt=started.attempt,
-                    dispatch=dispatch, worker_id=self.id, status=status,
+                    self.pool, execution_id=token.execution_id, attempt=token.attempt,
+                    dispatch=token.dispatch, worker_id=self.id, status=status,
                     retry_delay_s=retry_delay, result=result, error=error, reason=reason,
                 ),
                 deadline_s=DB_RETRY_DEADLINE_S, what="record outcome",
             )
         except Exception as exc:
-            log.error("could not record the outcome of %s: %s; the executor's monitor "
-                      "will settle it", started.id, describe(exc))
+            log.error("could not record the outcome of %s: %s; it will be released as "
+                      "orphaned", token.execution_id, describe(exc))
             return
         if new_status is None:
             FENCED_WRITES.labels("finish").inc()
-            log.debug("outcome of %s attempt %d fenced out", started.id, started.attempt)
+            log.debug("outcome of %s attempt %d fenced out", token.execution_id, token.attempt)
             return
         TRANSITIONS.labels("RUNNING", new_status, reason).inc()
 
@@ -404,3 +420,7 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
     except Exception as exc:
         log.info("could not %s delivery %s: %s", "ack" if ack else "reject",
                  message.message_id, describe(exc))
+
+
+def _token(started: executions.Started, dispatch: int) -> DispatchMessage:
+    return DispatchMessage(execution_id=started.id, attempt=started.attempt, dispatch=dispatch)

@@ -172,6 +172,14 @@ LEFT JOIN executions e
        ON e.id = a.id AND e.status = 'RUNNING' AND e.attempt = a.attempt AND e.worker_id = $3
 WHERE e.id IS NULL;
 
+-- name: running_unknown
+-- Attempts the database says are RUNNING on a worker that does not know of them (it lost
+-- a reply, say): the worker releases them for retry. Recent starts are left alone, as
+-- they may still be on their way into the worker's books. $1 worker id, $2 known ids
+SELECT id, attempt, dispatches AS dispatch FROM executions
+WHERE worker_id = $1 AND status = 'RUNNING' AND NOT (id = ANY($2::uuid[]))
+  AND started_at < now() - interval '5 seconds';
+
 -- name: save_checkpoint
 -- $1 id, $2 attempt, $3 worker id, $4 checkpoint
 UPDATE executions SET checkpoint = $4, updated_at = now()
