@@ -31,7 +31,11 @@ async def check_promises(env: Env, ids: list) -> dict[str, int]:
     assert not stuck, f"{len(stuck)} executions stuck: {stuck[:5]}"
     assert not no_reason, f"{len(no_reason)} terminal executions without a reason"
     assert duplicated == 0, f"{duplicated} attempts ran twice"
-    return {"lost": lost, "duplicated": duplicated, "stuck": len(stuck)}
+    worker_lost = await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE execution_id = ANY($1) "
+        "AND reason = 'worker_lost'", ids)
+    return {"lost": lost, "duplicated": duplicated, "stuck": len(stuck),
+            "worker_lost": worker_lost}
 
 
 async def worker_id(env: Env, name: str) -> str:

@@ -64,6 +64,7 @@ async def test_rabbitmq_restart_mid_load_loses_nothing_and_consumers_come_back(
     drill_report.figures.update(await check_promises(env, ids))
     drill_report.figures.update(outage_s=round(outage, 1), recovery_s=round(restored, 2))
     assert all(p.popen.poll() is None for p in env.procs), "a service died"
+    assert drill_report.figures["worker_lost"] == 0, "a healthy worker was taken for lost"
     assert await env.pool.fetchval(
         "SELECT count(*) FROM executions WHERE id = ANY($1) AND status <> 'SUCCEEDED'",
         ids) == 0
@@ -84,6 +85,7 @@ async def test_postgres_restart_mid_load_recovers_with_no_false_failures(
     drill_report.figures.update(outage_s=round(outage, 1),
                                 recovery_s=round(time.monotonic() - back, 2))
     assert all(p.popen.poll() is None for p in env.procs), "a service died"
+    assert drill_report.figures["worker_lost"] == 0, "a healthy worker was taken for lost"
     failed = await env.pool.fetch(
         "SELECT status, reason FROM executions WHERE id = ANY($1) AND status <> 'SUCCEEDED'",
         ids)
