@@ -27,8 +27,9 @@ help: ## Show this help
 install: ## Install rabbitmq-server/postgres if missing, create .venv, pip install -e '.[dev]'
 	@bash scripts/install.sh
 
-up: install ## Start local Postgres + RabbitMQ (idempotent; data in .vigil/)
+up: install ## Start local Postgres + RabbitMQ, create Vigil's broker users (idempotent)
 	@$(STACK) up
+	@$(WITH_STACK_ENV) $(VENV)/bin/vigil broker setup
 
 down: ## Stop the local servers (data is kept)
 	@$(STACK) down

@@ -14,14 +14,24 @@ import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
-from common.config import BrokerSettings
-from common.errors import BrokerUnavailable, PublishFailed, describe
+from common.config import BrokerRole, BrokerSettings
+from common.errors import (
+    BrokerNotSetUp,
+    BrokerRefused,
+    BrokerUnavailable,
+    PublishFailed,
+    describe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +40,10 @@ DEAD_LETTER_EXCHANGE = "vigil.dlx"
 DEAD_LETTER_QUEUE = "vigil.dead-letters"
 WORKER_QUEUE_PREFIX = "vigil.worker."
 WORKER_POLICY_NAME = "vigil-worker-queues"
+# The event exchange plugin's exchange, and the prefix of each executor's private queue
+# bound to it (in BrokerSettings.event_vhost).
+EVENT_EXCHANGE = "amq.rabbitmq.event"
+EXECUTOR_EVENTS_QUEUE_PREFIX = "vigil.executor-events."
 # Connection names say who is who in the management UI; the executor reads worker ids
 # back out of them from connection events.
 WORKER_CONNECTION_PREFIX = "vigil-worker "
@@ -41,6 +55,10 @@ def worker_connection_name(name: str, worker_id: str) -> str:
 
 def worker_queue(worker_id: str) -> str:
     return f"{WORKER_QUEUE_PREFIX}{worker_id}"
+
+
+def executor_events_queue(executor_id: str) -> str:
+    return f"{EXECUTOR_EVENTS_QUEUE_PREFIX}{executor_id}"
 
 
 def worker_policy(message_ttl_ms: int = 30_000, expires_ms: int = 3_600_000) -> dict:
@@ -64,12 +82,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-async def connect(settings: BrokerSettings, connection_name: str) -> AbstractRobustConnection:
-    """A robust (self-reconnecting) connection, named for the management UI."""
+async def connect(
+    settings: BrokerSettings, role: BrokerRole, connection_name: str, *, vhost: str | None = None,
+) -> AbstractRobustConnection:
+    """A robust (self-reconnecting) connection as `role`'s user, named for the
+    management UI; to `vhost`, or the settings' vhost."""
     try:
         return await aio_pika.connect_robust(
-            settings.url(connection_name), timeout=settings.connect_timeout_s
+            settings.url(role, connection_name, vhost), timeout=settings.connect_timeout_s
         )
+    except aiormq.exceptions.ProbableAuthenticationError:
+        raise BrokerRefused(f"broker at {settings.address} refused the login of "
+                            f"{settings.login(role).user!r} (wrong user or password, or "
+                            f"no access to vhost {vhost or settings.vhost!r})") from None
     except CONNECTION_ERRORS as exc:
         raise BrokerUnavailable(settings.address, exc) from None
 
@@ -87,15 +112,42 @@ async def declare_topology(channel: AbstractChannel) -> AbstractExchange:
     return dispatch
 
 
+async def declare_worker_queue(channel: AbstractChannel, worker_id: str) -> AbstractQueue:
+    """A worker's own queue, bound to the dispatch exchange by its id. The worker user
+    may not declare the shared exchanges: `vigil broker setup` (or an executor) has."""
+    queue = await channel.declare_queue(worker_queue(worker_id), durable=True)
+    try:
+        await queue.bind(DISPATCH_EXCHANGE, routing_key=worker_id)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise BrokerNotSetUp(f"no exchange {DISPATCH_EXCHANGE!r} in Vigil's vhost: "
+                             "run `vigil broker setup`") from None
+    return queue
+
+
+async def dead_letters_waiting(settings: BrokerSettings) -> int:
+    """How many dead letters wait for an executor to handle them (a passive declare, as
+    the executor: the one user allowed to see that queue)."""
+    connection = await connect(settings, BrokerRole.EXECUTOR, "vigil-cli dead-letters")
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BrokerNotSetUp(f"no queue {DEAD_LETTER_QUEUE!r}: "
+                                 "run `vigil broker setup`") from None
+        return queue.declaration_result.message_count or 0
+    finally:
+        await connection.close()
+
+
 def management_api(
     settings: BrokerSettings, path: str, *, method: str = "GET", body: Any = None,
-    user: str | None = None, password: str | None = None,
 ) -> Any:
-    """Call the management HTTP API (loopback or not, never through a proxy)."""
+    """Call the management HTTP API as the administrator (never through a proxy)."""
     address = f"{settings.host}:{settings.management_port}"
-    user = user or settings.user
-    password = password or settings.password.get_secret_value()
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    admin = settings.login(BrokerRole.ADMIN)
+    token = base64.b64encode(
+        f"{admin.user}:{admin.password.get_secret_value()}".encode()).decode()
     request = urllib.request.Request(
         f"http://{address}/api/{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
@@ -106,19 +158,11 @@ def management_api(
         with opener.open(request, timeout=settings.connect_timeout_s) as response:
             text = response.read()
     except urllib.error.HTTPError as exc:
-        raise BrokerUnavailable(address, f"management API answered {exc.code} {exc.reason} "
-                                         f"to {method} /api/{path}") from None
+        raise BrokerRefused(f"management API at {address} answered {exc.code} {exc.reason} "
+                            f"to {method} /api/{path} as {admin.user!r}") from None
     except OSError as exc:
         raise BrokerUnavailable(address, exc) from None
     return json.loads(text) if text else None
-
-
-def put_worker_policy(settings: BrokerSettings, **management: Any) -> None:
-    """Set the per-worker queue policy through the management API (idempotent)."""
-    management_api(
-        settings, f"policies/{quote(settings.vhost, safe='')}/{WORKER_POLICY_NAME}",
-        method="PUT", body=worker_policy(), **management,
-    )
 
 
 class Publisher:

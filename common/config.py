@@ -9,6 +9,8 @@ docs/configuration.md is generated from these classes (`vigil config docs`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from enum import StrEnum
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, model_validator
@@ -42,21 +44,46 @@ class DatabaseSettings(BaseSettings):
         return f"{self.host}:{self.port}"
 
 
+class BrokerRole(StrEnum):
+    """Who connects to RabbitMQ: each role has its own user (common/broker_access.py)."""
+
+    EXECUTOR = "executor"
+    WORKER = "worker"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class BrokerLogin:
+    user: str
+    password: SecretStr
+
+
 class BrokerSettings(BaseSettings):
-    """RabbitMQ connection: the transport."""
+    """RabbitMQ connection: the transport. Each role logs in as a user of its own.
+
+    A process needs only its own role's password."""
 
     model_config = _config("VIGIL_AMQP_")
 
     host: str = Field("127.0.0.1", description="RabbitMQ host.")
     port: int = Field(5672, ge=1, le=65535, description="AMQP port.")
-    user: str = Field("vigil", description="User to connect as.")
-    password: SecretStr = Field(SecretStr("vigil"), description="Password of that user.")
     vhost: str = Field("vigil", description="Virtual host of all of Vigil's queues.")
     event_vhost: str = Field(
         "vigil", description="Where the event exchange plugin publishes "
                              "(rabbitmq.conf `event_exchange.vhost`).")
+    executor_user: str = Field("vigil-executor", description="User the executors log in as.")
+    executor_password: SecretStr = Field(SecretStr("vigil-executor"),
+                                         description="Password of the executor user.")
+    worker_user: str = Field("vigil-worker", description="User the workers log in as.")
+    worker_password: SecretStr = Field(SecretStr("vigil-worker"),
+                                       description="Password of the worker user.")
+    admin_user: str = Field(
+        "vigil-admin", description="Administrator that `vigil broker setup` logs in as to "
+                                   "create the other users, their permissions and the policy.")
+    admin_password: SecretStr = Field(SecretStr("vigil-admin"),
+                                      description="Password of the administrator.")
     management_port: int = Field(15672, ge=1, le=65535,
-                                 description="Management HTTP API port (policies).")
+                                 description="Management HTTP API port (set-up only).")
     heartbeat_s: int = Field(10, ge=5, le=20, description="AMQP heartbeat.")
     connect_timeout_s: float = Field(5.0, gt=0, le=120,
                                      description="Give up connecting after this long.")
@@ -68,11 +95,16 @@ class BrokerSettings(BaseSettings):
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def url(self, connection_name: str) -> str:
+    def login(self, role: BrokerRole) -> BrokerLogin:
+        return BrokerLogin(getattr(self, f"{role}_user"), getattr(self, f"{role}_password"))
+
+    def url(self, role: BrokerRole, connection_name: str, vhost: str | None = None) -> str:
         # The name shows in the management UI and in the broker's connection events.
+        login = self.login(role)
         return (
-            f"amqp://{quote(self.user, safe='')}:{quote(self.password.get_secret_value(), safe='')}"
-            f"@{self.host}:{self.port}/{quote(self.vhost, safe='')}"
+            f"amqp://{quote(login.user, safe='')}:"
+            f"{quote(login.password.get_secret_value(), safe='')}"
+            f"@{self.host}:{self.port}/{quote(vhost or self.vhost, safe='')}"
             f"?heartbeat={self.heartbeat_s}&name={quote(connection_name, safe='')}"
         )
 

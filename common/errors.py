@@ -25,6 +25,14 @@ class BrokerUnavailable(Unavailable):
         super().__init__(f"broker unavailable at {address}: {describe(cause)}")
 
 
+class BrokerRefused(VigilError):
+    """The broker answered, and said no (a wrong password, a missing permission)."""
+
+
+class BrokerNotSetUp(VigilError):
+    """The broker answers but lacks what `vigil broker setup` creates."""
+
+
 class PublishFailed(VigilError):
     """A dispatch was returned, nacked or not confirmed in time."""
 

@@ -98,6 +98,22 @@ class HistoryEntry(BaseModel):
     at: datetime
 
 
+class DeadLetter(BaseModel):
+    """A dispatch a worker queue dead-lettered, and what the executor made of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    execution_id: uuid.UUID
+    action: str
+    attempt: int
+    dispatch: int
+    worker_id: str | None
+    cause: str  # RabbitMQ's x-death reason: expired, rejected, ...
+    outcome: ExecutionStatus  # REQUESTED: dispatched again; FAILED: max_dispatches
+    status_now: ExecutionStatus
+
+
 class Worker(BaseModel):
     model_config = ConfigDict(frozen=True)
 

@@ -15,8 +15,12 @@
 #
 # Settings (environment, with defaults):
 #   VIGIL_DB_PORT=55432  VIGIL_DB_USER=vigil  VIGIL_DB_PASSWORD=vigil  VIGIL_DB_NAME=vigil
-#   VIGIL_AMQP_PORT=5672  VIGIL_AMQP_USER=vigil  VIGIL_AMQP_PASSWORD=vigil  (vhost: vigil)
+#   VIGIL_AMQP_PORT=5672  (vhost: vigil)
 #   VIGIL_AMQP_ADMIN_USER=vigil-admin  VIGIL_AMQP_ADMIN_PASSWORD=vigil-admin
+#   VIGIL_AMQP_EXECUTOR_USER=vigil-executor  VIGIL_AMQP_EXECUTOR_PASSWORD=vigil-executor
+#   VIGIL_AMQP_WORKER_USER=vigil-worker  VIGIL_AMQP_WORKER_PASSWORD=vigil-worker
+#   (this script creates the administrator; `vigil broker setup`, run by `make up`,
+#   creates the executor and worker users with their permissions: common/broker_access.py)
 #   VIGIL_AMQP_MANAGEMENT_PORT=15672  VIGIL_RABBITMQ_PROMETHEUS_PORT=15692
 #   VIGIL_RABBITMQ_DIST_PORT=25672  ERL_EPMD_PORT=4369  RABBITMQ_NODENAME=vigil@localhost
 #   VIGIL_STACK_TIMEOUT=60 (seconds per server)  VIGIL_PG_OS_USER=postgres (when run as root)
@@ -35,8 +39,10 @@ VIGIL_DB_HOST=127.0.0.1
 VIGIL_AMQP_HOST=127.0.0.1
 VIGIL_AMQP_VHOST=vigil
 : "${VIGIL_AMQP_PORT:=5672}"
-: "${VIGIL_AMQP_USER:=vigil}"
-: "${VIGIL_AMQP_PASSWORD:=vigil}"
+: "${VIGIL_AMQP_EXECUTOR_USER:=vigil-executor}"
+: "${VIGIL_AMQP_EXECUTOR_PASSWORD:=vigil-executor}"
+: "${VIGIL_AMQP_WORKER_USER:=vigil-worker}"
+: "${VIGIL_AMQP_WORKER_PASSWORD:=vigil-worker}"
 : "${VIGIL_AMQP_ADMIN_USER:=vigil-admin}"
 : "${VIGIL_AMQP_ADMIN_PASSWORD:=vigil-admin}"
 : "${VIGIL_AMQP_MANAGEMENT_PORT:=15672}"
@@ -517,20 +523,15 @@ rmq_provision() {
     fi
     [ "$code" = 200 ] || die "rabbitmq: admin user cannot use the management API (HTTP $code)"
 
-    # 2. everything else through the HTTP API (idempotent PUTs, much faster than rabbitmqctl)
-    local vh u a
+    # 2. the vhost, through the HTTP API. The executor and worker users are made by
+    # `vigil broker setup` (run by `make up`), which holds their permissions.
+    local vh a
     vh="$(urlencode "$VIGIL_AMQP_VHOST")"
-    u="$(urlencode "$VIGIL_AMQP_USER")"
     a="$(urlencode "$VIGIL_AMQP_ADMIN_USER")"
     mgmt_ok PUT "/api/vhosts/$vh" '{}' || die "rabbitmq: could not ensure vhost $VIGIL_AMQP_VHOST"
-    # policymaker: `vigil broker setup` sets the worker-queue policy on its own vhost.
-    mgmt_ok PUT "/api/users/$u" "{\"password\":$(json_str "$VIGIL_AMQP_PASSWORD"),\"tags\":\"policymaker\"}" \
-        || die "rabbitmq: could not create user $VIGIL_AMQP_USER"
-    mgmt_ok PUT "/api/permissions/$vh/$u" '{"configure":".*","write":".*","read":".*"}' \
-        || die "rabbitmq: could not grant $VIGIL_AMQP_USER on vhost $VIGIL_AMQP_VHOST"
     mgmt_ok PUT "/api/permissions/$vh/$a" '{"configure":".*","write":".*","read":".*"}' \
         || die "rabbitmq: could not grant $VIGIL_AMQP_ADMIN_USER on vhost $VIGIL_AMQP_VHOST"
-    if [ "$VIGIL_AMQP_USER" != guest ] && [ "$VIGIL_AMQP_ADMIN_USER" != guest ]; then
+    if [ "$VIGIL_AMQP_ADMIN_USER" != guest ]; then
         code="$(mgmt DELETE /api/users/guest)"
         case "$code" in 2??|404) ;; *) warn "rabbitmq: could not delete guest (HTTP $code)" ;; esac
     fi
@@ -589,7 +590,7 @@ rmq_up() {
         mgmt_ok POST /api/definitions "$(cat "$ROOT/rabbitmq/definitions.json")" \
             || die "rabbitmq: could not import rabbitmq/definitions.json"
     fi
-    say "rabbitmq: ready (pid $(rmq_pid)) amqp://${VIGIL_AMQP_USER}@127.0.0.1:${VIGIL_AMQP_PORT}/${VIGIL_AMQP_VHOST}, management $MGMT_URL [$(elapsed "$t0")]"
+    say "rabbitmq: ready (pid $(rmq_pid)) amqp://127.0.0.1:${VIGIL_AMQP_PORT}/${VIGIL_AMQP_VHOST}, management $MGMT_URL [$(elapsed "$t0")]"
 }
 
 rmq_kill() { # last resort: TERM then KILL our beam and launcher
@@ -684,9 +685,8 @@ pg_data_dir_guess() {
 }
 
 cmd_env() {
-    local dbu dbp au ap
+    local dbu dbp
     dbu="$(urlencode "$VIGIL_DB_USER")"; dbp="$(urlencode "$VIGIL_DB_PASSWORD")"
-    au="$(urlencode "$VIGIL_AMQP_USER")"; ap="$(urlencode "$VIGIL_AMQP_PASSWORD")"
     local kv=(
         VIGIL_DB_HOST="$VIGIL_DB_HOST"
         VIGIL_DB_PORT="$VIGIL_DB_PORT"
@@ -696,11 +696,12 @@ cmd_env() {
         VIGIL_DATABASE_URL="postgresql://$dbu:$dbp@$VIGIL_DB_HOST:$VIGIL_DB_PORT/$(urlencode "$VIGIL_DB_NAME")"
         VIGIL_AMQP_HOST="$VIGIL_AMQP_HOST"
         VIGIL_AMQP_PORT="$VIGIL_AMQP_PORT"
-        VIGIL_AMQP_USER="$VIGIL_AMQP_USER"
-        VIGIL_AMQP_PASSWORD="$VIGIL_AMQP_PASSWORD"
+        VIGIL_AMQP_EXECUTOR_USER="$VIGIL_AMQP_EXECUTOR_USER"
+        VIGIL_AMQP_EXECUTOR_PASSWORD="$VIGIL_AMQP_EXECUTOR_PASSWORD"
+        VIGIL_AMQP_WORKER_USER="$VIGIL_AMQP_WORKER_USER"
+        VIGIL_AMQP_WORKER_PASSWORD="$VIGIL_AMQP_WORKER_PASSWORD"
         VIGIL_AMQP_VHOST="$VIGIL_AMQP_VHOST"
         VIGIL_AMQP_EVENT_VHOST="$VIGIL_AMQP_VHOST" # rabbitmq.conf: event_exchange.vhost
-        VIGIL_AMQP_URL="amqp://$au:$ap@$VIGIL_AMQP_HOST:$VIGIL_AMQP_PORT/$(urlencode "$VIGIL_AMQP_VHOST")"
         VIGIL_AMQP_ADMIN_USER="$VIGIL_AMQP_ADMIN_USER"
         VIGIL_AMQP_ADMIN_PASSWORD="$VIGIL_AMQP_ADMIN_PASSWORD"
         VIGIL_AMQP_MANAGEMENT_PORT="$VIGIL_AMQP_MANAGEMENT_PORT"

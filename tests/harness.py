@@ -14,24 +14,22 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import asyncpg
 
-from common import broker, db
-from common.config import BrokerSettings, DatabaseSettings
-from common.db import executions
-from common.errors import BrokerUnavailable
-from common.models import TERMINAL, ExecutionStatus
+from common import broker, broker_access, db
+from common.config import BrokerRole, BrokerSettings, DatabaseSettings
+from common.db import executions, workers
+from common.errors import BrokerRefused
+from common.models import TERMINAL, ExecutionStatus, WorkerStatus
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "vigil_template"
-ADMIN_USER = os.environ.get("VIGIL_AMQP_ADMIN_USER", "vigil-admin")
-ADMIN_PASSWORD = os.environ.get("VIGIL_AMQP_ADMIN_PASSWORD", "vigil-admin")
 
 # Deadlines shortened for tests, so that failure handling shows within seconds.
 FAST_TIMINGS = {
@@ -63,8 +61,7 @@ async def wait_until(
 
 def management(path: str, method: str = "GET", body: Any = None) -> Any:
     """Call the RabbitMQ management API as the admin user."""
-    return broker.management_api(BrokerSettings(), path, method=method, body=body,
-                                 user=ADMIN_USER, password=ADMIN_PASSWORD)
+    return broker.management_api(BrokerSettings(), path, method=method, body=body)
 
 
 @dataclass
@@ -128,8 +125,8 @@ class Env:
             "VIGIL_DB_PASSWORD": self.db.password.get_secret_value(),
             "VIGIL_DB_NAME": self.db.name,
             "VIGIL_AMQP_HOST": self.broker.host, "VIGIL_AMQP_PORT": str(self.broker.port),
-            "VIGIL_AMQP_USER": self.broker.user,
-            "VIGIL_AMQP_PASSWORD": self.broker.password.get_secret_value(),
+            **{f"VIGIL_AMQP_{role.upper()}_{key}": value
+               for role in BrokerRole for key, value in self._login(role).items()},
             "VIGIL_AMQP_VHOST": self.broker.vhost,
             "VIGIL_AMQP_EVENT_VHOST": self.broker.event_vhost,
             "VIGIL_AMQP_MANAGEMENT_PORT": str(self.broker.management_port),
@@ -139,6 +136,10 @@ class Env:
             **overrides,
         })
         return env
+
+    def _login(self, role: BrokerRole) -> dict[str, str]:
+        login = self.broker.login(role)
+        return {"USER": login.user, "PASSWORD": login.password.get_secret_value()}
 
     def start(self, *args: str, name: str | None = None, **env: str) -> Proc:
         """Start `vigil ARGS...` as a real process with this test's settings."""
@@ -216,6 +217,46 @@ class Env:
                                 what=lambda: f"{len(ids)} executions to end (now {last})")
 
 
+@dataclass
+class DeafWorker:
+    id: str
+    memory_pressure: bool = False
+
+
+@asynccontextmanager
+async def deaf_worker(
+    env: Env, actions: list[str], *, message_ttl_ms: int
+) -> AsyncIterator[DeafWorker]:
+    """A worker that registered, stays alive (heartbeats) and never consumes: whatever is
+    sent to it dead-letters after message_ttl_ms. Set memory_pressure to stop new work
+    going to it."""
+    assert env.pool is not None
+    pool = env.pool
+    management(f"policies/{env.name}/{broker.WORKER_POLICY_NAME}", "PUT",
+               broker.worker_policy(message_ttl_ms=message_ttl_ms))
+    deaf = DeafWorker(f"deaf-{uuid.uuid4().hex[:8]}")
+    connection = await broker.connect(env.broker, BrokerRole.WORKER, "vigil-tests deaf")
+    await broker.declare_worker_queue(await connection.channel(), deaf.id)
+    await workers.register(pool, workers.Registration(
+        id=deaf.id, name="deaf", hostname="test", pid=0, runtimes=["python"],
+        actions=actions, capacity=50))
+
+    async def heartbeat() -> None:
+        while True:
+            await workers.heartbeat(pool, deaf.id, memory_bytes=95, memory_limit_bytes=100,
+                                    memory_pressure=deaf.memory_pressure)
+            await asyncio.sleep(0.3)
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        yield deaf
+    finally:
+        beat.cancel()
+        # Gone for good: nothing more is sent to it.
+        await workers.set_status(pool, deaf.id, WorkerStatus.INACTIVE, "test_ended")
+        await connection.close()
+
+
 async def _connect(database: str | None = None) -> asyncpg.Connection:
     s = DatabaseSettings()
     return await asyncpg.connect(host=s.host, port=s.port, user=s.user,
@@ -238,17 +279,13 @@ async def create_env(tmp: Path) -> Env:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     finally:
         await admin.close()
-    base_broker = BrokerSettings()
-    management(f"vhosts/{name}", "PUT", {})
-    management(f"permissions/{name}/{quote(base_broker.user, safe='')}", "PUT",
-               {"configure": ".*", "write": ".*", "read": ".*"})
     env = Env(
         name=name,
         db=base_db.model_copy(update={"name": name}),
-        broker=base_broker.model_copy(update={"vhost": name}),
+        broker=BrokerSettings(vhost=name),
         tmp=tmp,
     )
-    broker.put_worker_policy(env.broker, user=ADMIN_USER, password=ADMIN_PASSWORD)
+    await broker_access.provision(env.broker)
     env.pool = await db.connect(env.db.model_copy(update={"pool_max_size": 5}),
                                 application_name="vigil-tests")
     return env
@@ -266,7 +303,7 @@ async def destroy_env(env: Env) -> None:
         await admin.close()
     try:
         management(f"vhosts/{env.name}", "DELETE")
-    except BrokerUnavailable:  # a test that deleted it already
+    except BrokerRefused:  # 404: a test that deleted it already
         pass
 
 

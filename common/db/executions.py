@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from common.db.queries import load
-from common.models import Execution, ExecutionStatus, HistoryEntry
+from common.models import DeadLetter, Execution, ExecutionStatus, HistoryEntry
 
 Conn = asyncpg.Pool | asyncpg.Connection
 SQL = load("executions")
@@ -222,10 +222,35 @@ async def cancel(conn: Conn, execution_id: uuid.UUID, actor: str) -> ExecutionSt
     return ExecutionStatus(from_status) if from_status else None
 
 
-async def retry(conn: Conn, execution_id: uuid.UUID, actor: str) -> int | None:
-    """Re-run a FAILED, TIMED_OUT or CANCELLED execution; return the new attempt."""
-    row = await conn.fetchrow(SQL["retry"], execution_id, actor)
-    return row["attempt"] if row else None
+# Why an execution FAILED when its last delivery was dead-lettered (release_scheduled).
+DEAD_LETTERED = "max_dispatches"
+
+
+async def retry(
+    conn: Conn, ids: list[uuid.UUID], actor: str, *, reason: str = "retry_requested",
+    only_failed_for: str | None = None,
+) -> dict[uuid.UUID, int]:
+    """Re-run FAILED, TIMED_OUT or CANCELLED executions (only those FAILED for
+    `only_failed_for`, if given); return the new attempt of each one that moved."""
+    rows = await conn.fetch(SQL["retry"], ids, actor, reason, only_failed_for)
+    return {r["id"]: r["attempt"] for r in rows}
+
+
+async def dead_letters(
+    conn: Conn, *, since_s: float | None, execution_id: uuid.UUID | None = None,
+    limit: int,
+) -> list[DeadLetter]:
+    rows = await conn.fetch(SQL["dead_letters"], since_s, execution_id, limit)
+    return [DeadLetter(**dict(r)) for r in rows]
+
+
+async def failed_dead_lettered(
+    conn: Conn, *, since_s: float, action: str | None, limit: int
+) -> list[uuid.UUID]:
+    """Executions FAILED (since_s ago at most) because their last delivery was
+    dead-lettered, newest first."""
+    rows = await conn.fetch(SQL["failed_dead_lettered"], since_s, action, limit)
+    return [r["id"] for r in rows]
 
 
 @dataclass(frozen=True)

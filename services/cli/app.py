@@ -7,10 +7,9 @@ succeed), 2 a usage error (nothing was changed).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -20,7 +19,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from common import broker, db
+from common import broker_access
 from common.config import (
     BrokerSettings,
     DatabaseSettings,
@@ -30,10 +29,17 @@ from common.config import (
 )
 from common.db import executions, workers
 from common.db.migrate import migrate
-from common.db.pool import CONNECTION_ERRORS
-from common.errors import DatabaseUnavailable, InvalidInput, VigilError
+from common.errors import VigilError
 from common.models import TERMINAL, Execution, ExecutionStatus, Worker
 from services.cli import inputs, output
+from services.cli.dead_letters import dead_letters_app
+from services.cli.plumbing import (
+    CLI_ACTOR,
+    JsonOpt,
+    parse_or_exit,
+    pooled,
+    run_command,
+)
 
 app = typer.Typer(
     help="Vigil: a distributed task system where nothing gets stuck, lost or run twice.",
@@ -47,56 +53,13 @@ config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 T = TypeVar("T")
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-CLI_ACTOR = "cli"
 
 
 def main() -> None:
     app()
-
-
-def _parse(parse: Callable[..., T], *args: Any) -> T:
-    """Parse what the user typed, or exit 2 with one line naming the problem."""
-    try:
-        return parse(*args)
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
-
-
-def _run(coro: Awaitable[T]) -> T:
-    """Run a command's coroutine; turn Vigil's errors into one line and an exit code."""
-    try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    except InvalidInput as exc:
-        output.fail(str(exc))
-        raise typer.Exit(2) from None
-    except VigilError as exc:
-        output.fail(str(exc))
-        raise typer.Exit(1) from None
-
-
-async def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-    settings = DatabaseSettings(pool_min_size=1, pool_max_size=2)
-    pool = await db.connect(settings, application_name="vigil-cli")
-    try:
-        return await work(pool)
-    except CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailable(settings.address, exc) from None
-    finally:
-        pool.terminate()
-
-
-def _pooled(fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
-    """Run an async command body with a database pool as its first argument."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        return _run(_with_pool(lambda pool: fn(pool, *args, **kwargs)))
-
-    return wrapper
 
 
 # ---- executions ------------------------------------------------------------------------
@@ -131,8 +94,8 @@ def submit(
 ) -> None:
     """Submit an execution of ACTION and print its id."""
     limits = SubmitLimits()
-    action = _parse(inputs.parse_action, action, limits.max_action_length)
-    params = _parse(inputs.parse_params, param or [], params_json, limits.max_params_bytes)
+    action = parse_or_exit(inputs.parse_action, action, limits.max_action_length)
+    params = parse_or_exit(inputs.parse_params, param or [], params_json, limits.max_params_bytes)
 
     async def body(pool: asyncpg.Pool) -> Execution | None:
         submitted = await executions.insert(
@@ -153,7 +116,7 @@ def submit(
             return None
         return await _wait_for_end(pool, submitted.id, wait_timeout)
 
-    final = _pooled(body)()
+    final = pooled(body)()
     if final is None:
         return
     if as_json:
@@ -193,7 +156,7 @@ def list_executions(
 ) -> None:
     """List recent executions, newest first."""
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> list[Execution]:
         return await executions.list_recent(pool, status=status, action=action, limit=limit)
 
@@ -213,9 +176,9 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one execution with its whole history."""
-    eid = _parse(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list, bool]:
         e = await executions.get(pool, eid)
         if e is None:
@@ -249,9 +212,9 @@ def show(
 @app.command()
 def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
     """Cancel an execution in any non-terminal state; a running child is killed."""
-    eid = _parse(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> None:
         was = await executions.cancel(pool, eid, CLI_ACTOR)
         if was is None:
@@ -266,11 +229,11 @@ def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.
 @app.command()
 def retry(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
     """Run a FAILED, TIMED_OUT or CANCELLED execution again, as a new attempt."""
-    eid = _parse(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> None:
-        attempt = await executions.retry(pool, eid, CLI_ACTOR)
+        attempt = (await executions.retry(pool, [eid], CLI_ACTOR)).get(eid)
         if attempt is None:
             e = await executions.get(pool, eid)
             raise VigilError(f"no execution {eid}" if e is None
@@ -286,7 +249,7 @@ def list_workers(as_json: JsonOpt = False) -> None:
     """List workers: status, heartbeat age, in-flight/capacity, runtimes."""
     stale_after_s = ExecutorSettings().stale_after_s
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> list:
         return await workers.list_all(pool, stale_after_s)
 
@@ -338,7 +301,7 @@ async def _stats(pool: asyncpg.Pool) -> _Stats:
 @app.command()
 def stats(as_json: JsonOpt = False) -> None:
     """Counts by state, executions finished in the last minute, the oldest unfinished."""
-    s = _pooled(_stats)()
+    s = pooled(_stats)()
     if as_json:
         output.emit_json({"by_status": {str(k): v for k, v in s.by_status.items()},
                           "finished_last_minute": s.finished_last_minute,
@@ -357,7 +320,7 @@ def top(
     """A live view of executions and workers, refreshed every second."""
     stale_after_s = ExecutorSettings().stale_after_s
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> None:
         with Live(console=output.console, auto_refresh=False) as live:
             n = 0
@@ -392,7 +355,7 @@ def executor(
 
     overrides = {"name": name, "metrics_port": metrics_port}
     settings = _settings(ExecutorSettings, overrides)
-    run_executor(settings, DatabaseSettings(), BrokerSettings(), log_level)
+    serve("executor", run_executor, settings, log_level)
 
 
 @app.command()
@@ -414,9 +377,18 @@ def worker(
     overrides: dict[str, Any] = {"name": name, "capacity": capacity,
                                  "action_modules": actions, "metrics_port": metrics_port}
     if runtime is not None:
-        overrides["runtimes"] = _parse(inputs.parse_runtimes, runtime, RUNTIMES)
+        overrides["runtimes"] = parse_or_exit(inputs.parse_runtimes, runtime, RUNTIMES)
     settings = _settings(WorkerSettings, overrides)
-    run_worker(settings, DatabaseSettings(), BrokerSettings(), log_level)
+    serve("worker", run_worker, settings, log_level)
+
+
+def serve(what: str, run: Callable[..., None], settings: Any, log_level: str) -> None:
+    """Run a service until it is stopped; a failure to start is one line and exit 1."""
+    try:
+        run(settings, DatabaseSettings(), BrokerSettings(), log_level)
+    except VigilError as exc:
+        output.fail(f"{what} stopped: {exc}")
+        raise typer.Exit(1) from None
 
 
 def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
@@ -438,7 +410,7 @@ def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
 def db_migrate() -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
 
-    @_pooled
+    @pooled
     async def body(pool: asyncpg.Pool) -> list[int]:
         async with pool.acquire() as conn:
             return await migrate(conn)
@@ -449,19 +421,13 @@ def db_migrate() -> None:
 
 @broker_app.command("setup")
 def broker_setup() -> None:
-    """Declare exchanges, the dead-letter queue and the worker-queue policy (idempotent)."""
+    """Create the executor and worker users with their permissions, the worker-queue
+    policy, the exchanges and the dead-letter queue (idempotent; as the administrator)."""
     settings = BrokerSettings()
-
-    async def body() -> None:
-        connection = await broker.connect(settings, "vigil-cli setup")
-        try:
-            await broker.declare_topology(await connection.channel())
-        finally:
-            await connection.close()
-        await asyncio.to_thread(broker.put_worker_policy, settings)
-
-    _run(body())
-    output.console.print(f"broker topology declared on vhost {settings.vhost!r}")
+    run_command(broker_access.provision(settings))
+    output.console.print(
+        f"broker ready on vhost {settings.vhost!r}: users {settings.executor_user!r} and "
+        f"{settings.worker_user!r}, worker-queue policy, exchanges and dead-letter queue")
 
 
 @config_app.command("docs")

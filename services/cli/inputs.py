@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,18 @@ def parse_execution_id(text: str) -> uuid.UUID:
         return uuid.UUID(text)
     except ValueError:
         raise InvalidInput(f"{text!r} is not an execution id (a UUID)") from None
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """'90s', '15m', '24h' or '7d' in seconds."""
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise InvalidInput(f"{option} {text!r}: expected a duration like 90s, 15m, 24h or 7d")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
 def parse_runtimes(text: str, known: tuple[str, ...]) -> list[str]:

@@ -23,6 +23,10 @@ from common.models import DispatchMessage
 
 log = logging.getLogger(__name__)
 
+# Outcomes counted from the start at 0, so that rate() sees the first dead letter.
+KNOWN_OUTCOMES = ("stale", "malformed", "foreign", "expired_requested", "expired_failed",
+                  "rejected_requested", "rejected_failed")
+
 
 def death_of(message: AbstractIncomingMessage) -> tuple[str, str | None]:
     """(reason, worker id) from the first x-death entry: why and where it died."""
@@ -42,6 +46,8 @@ class DeadLetterHandler:
         self._settings = settings
         self._actor = actor
         self._bad_log = RateLimitedLog(log)
+        for outcome in KNOWN_OUTCOMES:
+            DEAD_LETTERS.labels(outcome)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         reason, worker_id = death_of(message)

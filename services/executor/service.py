@@ -16,13 +16,13 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
 from common import broker, db
-from common.config import BrokerSettings, DatabaseSettings, ExecutorSettings
+from common.config import BrokerRole, BrokerSettings, DatabaseSettings, ExecutorSettings
 from common.loops import run_loop
 from services.executor.dead_letters import DeadLetterHandler
 from services.executor.dispatcher import Dispatcher
 from services.executor.gauges import Gauges
 from services.executor.monitor import TimeoutMonitor
-from services.executor.worker_events import EVENT_EXCHANGE, EVENTS, WorkerEventHandler
+from services.executor.worker_events import EVENTS, WorkerEventHandler
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Executor:
         pool = self._pool = await db.connect(
             self.db_settings, application_name=f"vigil-executor {self.id}"
         )
-        connection = await broker.connect(self.broker_settings, f"vigil-executor {self.id}")
+        connection = await broker.connect(self.broker_settings, BrokerRole.EXECUTOR,
+                                          f"vigil-executor {self.id}")
         self._connections.append(connection)
 
         publish_channel = await connection.channel(publisher_confirms=True,
@@ -97,17 +98,17 @@ class Executor:
     async def _follow_worker_events(self) -> None:
         """Bind a private queue to the broker's connection and consumer events. They are
         published in one vhost (event_exchange.vhost) for every vhost."""
-        settings = self.broker_settings.model_copy(
-            update={"vhost": self.broker_settings.event_vhost}
+        connection = await broker.connect(
+            self.broker_settings, BrokerRole.EXECUTOR, f"vigil-executor-events {self.id}",
+            vhost=self.broker_settings.event_vhost,
         )
-        connection = await broker.connect(settings, f"vigil-executor-events {self.id}")
         self._connections.append(connection)
         channel = await connection.channel()
         queue = await channel.declare_queue(
-            f"vigil.executor-events.{self.id}", exclusive=True, auto_delete=True
+            broker.executor_events_queue(self.id), exclusive=True, auto_delete=True
         )
         for event in EVENTS:
-            await queue.bind(EVENT_EXCHANGE, routing_key=event)
+            await queue.bind(broker.EVENT_EXCHANGE, routing_key=event)
         self._keep += [channel, queue]
         assert self._pool is not None
         handler = WorkerEventHandler(self._pool, self._sweep_now.set,

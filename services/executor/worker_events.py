@@ -21,7 +21,6 @@ from common.db import workers
 
 log = logging.getLogger(__name__)
 
-EVENT_EXCHANGE = "amq.rabbitmq.event"
 EVENTS = ("connection.closed", "consumer.deleted")
 # Who the broker says deleted a consumer when its channel or connection went away.
 BROKER_INTERNAL = "rmq-internal"

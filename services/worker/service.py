@@ -26,7 +26,7 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from common import broker, db
-from common.config import BrokerSettings, DatabaseSettings, WorkerSettings
+from common.config import BrokerRole, BrokerSettings, DatabaseSettings, WorkerSettings
 from common.db import actions, executions, workers
 from common.errors import describe
 from common.loops import RateLimitedLog, run_loop
@@ -115,13 +115,12 @@ class Worker:
             await self._forkserver.start()
         self._pool = await db.connect(self.db_settings, application_name=f"vigil-worker {self.id}")
         self._connection = await broker.connect(
-            self.broker_settings, broker.worker_connection_name(self.settings.name, self.id)
+            self.broker_settings, BrokerRole.WORKER,
+            broker.worker_connection_name(self.settings.name, self.id),
         )
         channel = self._channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.settings.capacity)
-        dispatch = await broker.declare_topology(channel)
-        self._queue = await channel.declare_queue(broker.worker_queue(self.id), durable=True)
-        await self._queue.bind(dispatch, routing_key=self.id)
+        self._queue = await broker.declare_worker_queue(channel, self.id)
         await actions.upsert(self.pool, [
             actions.ActionDefaults(a.name, a.max_attempts, a.timeout_s) for a in self.offered
         ])

@@ -8,12 +8,10 @@ import signal
 import time
 import urllib.request
 
-from common import broker
-from common.db import workers
 from common.models import ExecutionStatus
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, in_state_on, record_load, worker_id
-from tests.harness import ADMIN_PASSWORD, ADMIN_USER, Env, wait_until
+from tests.harness import Env, deaf_worker, wait_until
 
 
 async def sigkill_drill(env: Env, report: DrillResult, detect_within: float) -> None:
@@ -179,44 +177,19 @@ async def test_undelivered_messages_dead_letter_at_ttl_and_are_redispatched(
     env: Env, drill_report: DrillResult
 ):
     # A worker that registered and then stopped consuming: its queue fills, nobody reads.
-    broker.management_api(env.broker, f"policies/{env.name}/{broker.WORKER_POLICY_NAME}",
-                          method="PUT", body=broker.worker_policy(message_ttl_ms=2000),
-                          user=ADMIN_USER, password=ADMIN_PASSWORD)
-    connection = await broker.connect(env.broker, "vigil-tests deaf-worker")
-    channel = await connection.channel()
-    dispatch = await broker.declare_topology(channel)
-    deaf_id = "deaf-00000000"
-    queue = await channel.declare_queue(broker.worker_queue(deaf_id), durable=True)
-    await queue.bind(dispatch, routing_key=deaf_id)
-    await workers.register(env.pool, workers.Registration(
-        id=deaf_id, name="deaf", hostname="test", pid=0, runtimes=["python"],
-        actions=["demo.record"], capacity=50))
-    pressure = False
-
-    async def heartbeat() -> None:
-        # Alive, so the monitor leaves its work alone; under "memory pressure" once it
-        # holds the work, so nothing new is routed to it.
-        while True:
-            await workers.heartbeat(env.pool, deaf_id, memory_bytes=95,
-                                    memory_limit_bytes=100, memory_pressure=pressure)
-            await asyncio.sleep(0.3)
-
-    beat = asyncio.create_task(heartbeat())
-    try:
+    async with deaf_worker(env, ["demo.record"], message_ttl_ms=2000) as deaf:
         env.executor()
         ids = await record_load(env, 10, seconds=0)
 
         async def all_sent_to_deaf() -> bool:
-            return await in_state_on(env, deaf_id, "SCHEDULED") == 10
+            return await in_state_on(env, deaf.id, "SCHEDULED") == 10
 
         await wait_until(all_sent_to_deaf, timeout=15, interval=0.05, what="dispatch to deaf")
         sent_at = time.monotonic()
-        pressure = True
+        # Under "memory pressure" once it holds the work, so nothing new goes to it.
+        deaf.memory_pressure = True
         env.worker("healthy", capacity=4)
         await env.all_terminal(ids, timeout=60)
-    finally:
-        beat.cancel()
-        await connection.close()
     recovery = time.monotonic() - sent_at
     reasons = await env.pool.fetch(
         "SELECT DISTINCT reason FROM execution_history WHERE execution_id = ANY($1) "

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from common import broker
+from common.config import BrokerRole
 from common.errors import PublishFailed
 from tests.harness import Env, management
 
@@ -12,7 +13,7 @@ from tests.harness import Env, management
 async def test_an_unroutable_publish_fails_and_a_dead_broker_fails_within_the_timeout(
     env: Env,
 ):
-    connection = await broker.connect(env.broker, "vigil-tests publisher")
+    connection = await broker.connect(env.broker, BrokerRole.EXECUTOR, "vigil-tests publisher")
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         exchange = await broker.declare_topology(channel)

@@ -40,11 +40,36 @@ async def test_database_down_exits_1_naming_the_address_without_secrets(env: Env
     assert "Traceback" not in result.stderr
 
 
-async def test_broker_down_exits_1_naming_the_address_without_secrets(env: Env):
-    result = env.cli("broker", "setup", VIGIL_AMQP_PORT="1", VIGIL_AMQP_PASSWORD="s3cret-pw")
+@pytest.mark.parametrize("settings, says", [
+    ({"VIGIL_AMQP_MANAGEMENT_PORT": "1", "VIGIL_AMQP_ADMIN_PASSWORD": "s3cret-pw"},
+     "broker unavailable at 127.0.0.1:1"),
+    ({"VIGIL_AMQP_ADMIN_PASSWORD": "s3cret-pw"}, "answered 401 Unauthorized"),
+    ({"VIGIL_AMQP_PORT": "1"}, "broker unavailable at 127.0.0.1:1"),
+], ids=["management-down", "wrong-admin-password", "amqp-down"])
+async def test_broker_setup_failures_exit_1_naming_the_problem_without_secrets(
+    env: Env, settings, says
+):
+    result = env.cli("broker", "setup", **settings)
     assert result.returncode == 1
-    assert "broker unavailable at 127.0.0.1:1" in result.stderr
+    assert says in result.stderr
     assert "s3cret-pw" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("service, settings, says", [
+    ("worker", {"VIGIL_AMQP_WORKER_PASSWORD": "s3cret-pw"},
+     "worker stopped: broker at 127.0.0.1:5672 refused the login of 'vigil-worker'"),
+    ("executor", {"VIGIL_DB_PORT": "1", "VIGIL_DB_PASSWORD": "s3cret-pw"},
+     "executor stopped: database unavailable at 127.0.0.1:1"),
+], ids=["worker-wrong-password", "executor-database-down"])
+async def test_a_service_that_cannot_start_exits_1_with_one_line(
+    env: Env, service, settings, says
+):
+    result = env.cli(service, **settings)
+    assert result.returncode == 1
+    assert says in result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
 
 
 async def test_submit_without_a_worker_warns_and_show_says_what_it_waits_for(env: Env):

@@ -1,11 +1,13 @@
 """compose/ checked without Docker: every command in the compose file is parsed by the
-real CLI, every VIGIL_* variable is a real setting with a valid value, and the Prometheus
-configuration and alert rules pass promtool (Debian's prometheus package, installed by
+real CLI, every VIGIL_* variable is a real setting with a valid value, each container
+gets the broker logins of its own role and no other, and the Prometheus configuration and
+alert rules pass promtool (Debian's prometheus package, installed by
 scripts/install.sh)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -24,7 +26,7 @@ import common.metrics  # noqa: F401  (registers Vigil's metrics)
 import services.executor.main
 import services.worker.main
 from common import config
-from common.config import WorkerSettings
+from common.config import BrokerRole, WorkerSettings
 from services.cli.app import app
 from tests.harness import REPO
 
@@ -43,6 +45,28 @@ SETTING_NAMES = {
     for c in config.ALL_SETTINGS for field in c.model_fields
 } | {"VIGIL_SECRETS_DIR"}  # read by common/config.py itself: where secret files live
 
+
+# The broker logins, one per role: VIGIL_AMQP_<ROLE>_USER and VIGIL_AMQP_<ROLE>_PASSWORD.
+LOGIN_VARS = {
+    role: {f"VIGIL_AMQP_{role.upper()}_USER", f"VIGIL_AMQP_{role.upper()}_PASSWORD"}
+    for role in BrokerRole
+}
+# Least privilege: the broker logins each service's container gets, and no more.
+BROKER_ROLES: dict[str, set[BrokerRole]] = {
+    "rabbitmq-users": {BrokerRole.ADMIN},  # creates the administrator
+    "migrate": set(BrokerRole),  # `broker setup`: as the admin, sets the others' passwords
+    "executor": {BrokerRole.EXECUTOR},
+    "worker-shell": {BrokerRole.WORKER},
+    "worker-python": {BrokerRole.WORKER},
+    "cli": set(BrokerRole),  # the operator's tool: `broker setup` and the rest
+}
+# The logins a `vigil` command uses (the cli service may run any of them).
+COMMAND_ROLES: dict[tuple[str, ...], set[BrokerRole]] = {
+    ("db", "migrate"): set(),
+    ("broker", "setup"): set(BrokerRole),
+    ("executor",): {BrokerRole.EXECUTOR},
+    ("worker",): {BrokerRole.WORKER},
+}
 
 # ${VAR...} as compose interpolates it ($${VAR} is a literal for the container's shell).
 INTERPOLATED = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -63,6 +87,11 @@ def read_env_file(path: Path) -> dict[str, str]:
             f"{path.name}:{n}: not KEY=VALUE: {line!r}"
         env[key] = value
     return env
+
+
+# Fixed by rabbitmq/: the vhost of definitions.json, and event_exchange.vhost.
+RABBITMQ_VHOST = "vigil"
+RABBITMQ_EVENT_VHOST = "vigil"
 
 
 COMPOSE = load_compose()
@@ -97,17 +126,27 @@ def interpolate(value: str, env: dict[str, str]) -> str:
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
-    """The environment a service's container gets, with .env.example as compose/.env."""
-    env: dict[str, str] = {}
-    env_files = service.get("env_file") or []
-    for f in [env_files] if isinstance(env_files, str) else env_files:
-        assert f == ".env", f"env_file should be compose/.env, not {f!r}"
-        env.update(ENV_EXAMPLE_VARS)
+    """The environment a service's container gets, with .env.example as compose/.env (which
+    compose only interpolates: no service has an env_file, see
+    test_no_service_reads_the_env_file_whole)."""
     declared = service.get("environment") or {}
     if isinstance(declared, list):
         declared = dict(item.split("=", 1) for item in declared)
-    env.update({k: interpolate(str(v), ENV_EXAMPLE_VARS) for k, v in declared.items()})
-    return env
+    return {k: interpolate(str(v), ENV_EXAMPLE_VARS) for k, v in declared.items()}
+
+
+def broker_logins(env: dict[str, str]) -> set[str]:
+    """The broker login variables (users and passwords of any role) in env."""
+    return {k for k in env if k.startswith("VIGIL_AMQP_") and k.endswith(("_USER", "_PASSWORD"))}
+
+
+def assert_logins(broker_settings: config.BrokerSettings, roles: set[BrokerRole]) -> None:
+    """broker_settings carries .env.example's login for each of roles."""
+    for role in roles:
+        login = broker_settings.login(role)
+        assert (login.user, login.password.get_secret_value()) == (
+            ENV_EXAMPLE_VARS[f"VIGIL_AMQP_{role.upper()}_USER"],
+            ENV_EXAMPLE_VARS[f"VIGIL_AMQP_{role.upper()}_PASSWORD"]), role
 
 
 def dockerfile_entrypoint() -> list[str]:
@@ -227,7 +266,6 @@ def test_every_vigil_service_builds_from_the_one_dockerfile(name):
     assert (COMPOSE_DIR / build["context"]).resolve() == REPO
     assert (REPO / build["dockerfile"]).resolve() == DOCKERFILE
     assert service["image"] == "vigil:local"
-    assert service["env_file"] == ".env"
     assert service.get("init") is True, "tini as PID 1 forwards SIGTERM and reaps orphans"
 
 
@@ -256,7 +294,9 @@ def test_every_vigil_command_parses_with_the_real_cli_and_settings(
     runs = vigil_invocations(service)
     if name == "cli":
         assert runs == [[]], "the cli service takes its command from `docker compose run`"
+        assert_logins(config.BrokerSettings(), BROKER_ROLES[name])
         return
+    needed: set[BrokerRole] = set()
     for args in runs:
         path, _ = parse_cli(args)
         if path in (["executor"], ["worker"]):
@@ -265,8 +305,13 @@ def test_every_vigil_command_parses_with_the_real_cli_and_settings(
             db_settings, broker_settings = config.DatabaseSettings(), config.BrokerSettings()
         assert (db_settings.host, db_settings.port) == ("postgres", 5432)
         assert (broker_settings.host, broker_settings.port) == ("rabbitmq", 5672)
-        assert db_settings.password.get_secret_value() == env["VIGIL_DB_PASSWORD"]
-        assert broker_settings.password.get_secret_value() == env["VIGIL_AMQP_PASSWORD"]
+        assert db_settings.password.get_secret_value() == ENV_EXAMPLE_VARS["VIGIL_DB_PASSWORD"]
+        roles = COMMAND_ROLES[tuple(path)]
+        assert_logins(broker_settings, roles)
+        needed |= roles
+    assert needed == BROKER_ROLES[name], \
+        f"{name}: its commands log in as {sorted(needed)}, not {sorted(BROKER_ROLES[name])}"
+    assert broker_logins(env) == set().union(*(LOGIN_VARS[r] for r in needed))
 
 
 def test_the_services_run_what_the_deployment_needs(compose_env, run_service):
@@ -312,6 +357,59 @@ def test_services_serve_metrics_on_all_interfaces_and_check_their_own_health(
     assert "ports" not in service, "metrics stay on the compose network"
 
 
+def test_no_service_reads_the_env_file_whole():
+    # compose/.env holds every password: compose interpolates it, no container gets it.
+    for name, service in SERVICES.items():
+        assert "env_file" not in service, f"{name}: env_file would pass it every password"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_each_container_gets_only_its_own_roles_broker_login(name):
+    env = environment(SERVICES[name])
+    roles = BROKER_ROLES.get(name, set())
+    expected = set().union(*(LOGIN_VARS[r] for r in roles))
+    assert broker_logins(env) == expected, f"{name}: broker logins"
+    for role in set(BrokerRole) - roles:
+        assert f"VIGIL_AMQP_{role.upper()}_PASSWORD" not in env, \
+            f"{name} must not get the {role} password"
+    for key in expected:
+        assert env[key] == ENV_EXAMPLE_VARS[key], f"{name}: {key} comes from compose/.env"
+
+
+def test_executors_and_workers_log_in_as_their_own_users(compose_env, run_service):
+    for name, role in [("executor", BrokerRole.EXECUTOR), ("worker-shell", BrokerRole.WORKER),
+                       ("worker-python", BrokerRole.WORKER)]:
+        env = compose_env(SERVICES[name])
+        _, _, broker_settings = run_service(vigil_invocations(SERVICES[name])[0])
+        assert_logins(broker_settings, {role})
+        for other in set(BrokerRole) - {role}:
+            assert f"VIGIL_AMQP_{other.upper()}_PASSWORD" not in env, f"{name}: {other}"
+            # Not there by any other name either: the settings only have the default.
+            password = broker_settings.login(other).password.get_secret_value()
+            assert password != ENV_EXAMPLE_VARS[f"VIGIL_AMQP_{other.upper()}_PASSWORD"], \
+                f"{name} holds the {other} password"
+
+
+@pytest.mark.parametrize("name", VIGIL_SERVICES)
+def test_every_vigil_service_is_told_where_postgres_and_rabbitmq_are(name, compose_env):
+    env = compose_env(SERVICES[name])
+    db, amqp = config.DatabaseSettings(), config.BrokerSettings()
+    assert (db.host, db.port) == ("postgres", 5432)
+    assert (db.name, db.user, db.password.get_secret_value()) == tuple(
+        ENV_EXAMPLE_VARS[k] for k in ("VIGIL_DB_NAME", "VIGIL_DB_USER", "VIGIL_DB_PASSWORD"))
+    assert (amqp.host, amqp.port, amqp.management_port) == ("rabbitmq", 5672, 15672)
+    # The broker's vhost and event vhost are fixed by rabbitmq/.
+    assert env["VIGIL_AMQP_VHOST"] == RABBITMQ_VHOST == amqp.vhost
+    assert env["VIGIL_AMQP_EVENT_VHOST"] == RABBITMQ_EVENT_VHOST == amqp.event_vhost
+
+
+def test_the_vhosts_are_rabbitmq_configurations():
+    conf = (REPO / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert re.search(rf"^event_exchange\.vhost = {re.escape(RABBITMQ_EVENT_VHOST)}$", conf, re.M)
+    definitions = json.loads((REPO / "rabbitmq" / "definitions.json").read_text())
+    assert [v["name"] for v in definitions["vhosts"]] == [RABBITMQ_VHOST]
+
+
 def test_every_vigil_variable_is_a_real_setting():
     names = set(ENV_EXAMPLE_VARS)
     for service in SERVICES.values():
@@ -329,17 +427,16 @@ def test_env_example_is_complete_valid_and_clearly_an_example():
     referenced = set(INTERPOLATED.findall(COMPOSE_FILE.read_text()))
     missing = sorted(referenced - set(ENV_EXAMPLE_VARS))
     assert not missing, f"compose interpolates variables .env.example does not define: {missing}"
+    # No container reads the file: a variable compose does not interpolate does nothing.
+    unused = sorted(set(ENV_EXAMPLE_VARS) - referenced)
+    assert not unused, f".env.example sets variables compose never uses: {unused}"
     for key, value in ENV_EXAMPLE_VARS.items():
         if "PASSWORD" in key:
             assert value.startswith("change-me"), f"{key} must be an obvious placeholder"
-    env = ENV_EXAMPLE_VARS
-    assert (env["VIGIL_DB_HOST"], env["VIGIL_DB_PORT"]) == ("postgres", "5432")
-    assert (env["VIGIL_AMQP_HOST"], env["VIGIL_AMQP_PORT"]) == ("rabbitmq", "5672")
-    # The broker's vhost and event vhost are fixed by rabbitmq/.
-    conf = (REPO / "rabbitmq" / "rabbitmq.conf").read_text()
-    assert re.search(rf"^event_exchange\.vhost = {env['VIGIL_AMQP_EVENT_VHOST']}$", conf, re.M)
-    assert f'"name": "{env["VIGIL_AMQP_VHOST"]}"' in (
-        REPO / "rabbitmq" / "definitions.json").read_text()
+    passwords = [v for k, v in ENV_EXAMPLE_VARS.items() if "PASSWORD" in k]
+    assert len(set(passwords)) == len(passwords), "one placeholder per password"
+    users = [ENV_EXAMPLE_VARS[f"VIGIL_AMQP_{role.upper()}_USER"] for role in BrokerRole]
+    assert len(set(users)) == len(users), "each role is a user of its own"
     assert ".env" in [ln.strip().removeprefix("compose/") for ln in
                       (REPO / ".gitignore").read_text().splitlines()]
 
@@ -438,9 +535,19 @@ def test_rabbitmq_uses_the_repo_configuration_and_users_are_provisioned():
     assert users["entrypoint"] == ["bash", script_mount.split(":")[1]]
     data = next(v for v in rabbitmq["volumes"] if v.endswith(":/var/lib/rabbitmq"))
     assert f"{data}:ro" in users["volumes"], "the cookie comes from the broker's volume"
-    result = subprocess.run(["bash", "-n", str(COMPOSE_DIR / "rabbitmq-users.sh")],
-                            capture_output=True, text=True)
+    script = COMPOSE_DIR / "rabbitmq-users.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # Only the administrator: `vigil broker setup` (migrate) creates the other users.
+    env = environment(users)
+    assert set(env) == {"RABBITMQ_NODENAME", "VIGIL_AMQP_VHOST"} | LOGIN_VARS[BrokerRole.ADMIN]
+    assert env["VIGIL_AMQP_VHOST"] == RABBITMQ_VHOST
+    text = script.read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    assert set(re.findall(r"\$\{(VIGIL_[A-Z_]+)", code)) == set(env) - {"RABBITMQ_NODENAME"}
+    assert re.search(r'^ctl set_user_tags "\$user" administrator$', code, re.M)
+    assert re.search(r"""^ctl set_permissions -p "\$vhost" "\$user" '\.\*' '\.\*' '\.\*'$""",
+                     code, re.M)
 
 
 # ---- Prometheus ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import uuid
 import aio_pika
 
 from common import broker
+from common.config import BrokerRole
 from common.db import executions
 from common.models import ExecutionStatus
 from tests.harness import Env, wait_until
@@ -98,7 +99,8 @@ async def test_bad_messages_in_a_worker_queue_are_rejected_and_it_keeps_consumin
     env.executor()
     w = env.worker("w1")
     [worker_id] = await env.live_workers(1)
-    connection = await broker.connect(env.broker, "vigil-tests")
+    # As the administrator: neither Vigil user may publish to a worker queue directly.
+    connection = await broker.connect(env.broker, BrokerRole.ADMIN, "vigil-tests")
     try:
         channel = await connection.channel()
         stale = json.dumps({"v": 1, "execution_id": str(uuid.uuid4()), "attempt": 1,

@@ -53,6 +53,8 @@ async def test_executor_and_worker_export_metrics_and_health(env: Env):
     assert sample(executor, "vigil_transitions_total", from_state="REQUESTED",
                   to_state="SCHEDULED", reason="dispatched") == 5
     assert sample(executor, "vigil_loop_last_completed_timestamp_seconds", loop="dispatch")
+    # Exported at 0 before the first dead letter, so that rate() sees the first one.
+    assert sample(executor, "vigil_dead_letters_total", outcome="expired_requested") == 0
     status, health = await asyncio.to_thread(get, 19301, "/healthz")
     assert status == 200 and json.loads(health)["ok"] is True
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.config import BrokerSettings, DatabaseSettings, WorkerSettings
+from common.config import BrokerRole, BrokerSettings, DatabaseSettings, WorkerSettings
 from services.cli.config_docs import render
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -30,9 +30,10 @@ def test_bad_settings_are_refused_at_start(monkeypatch) -> None:
 
 
 def test_secrets_never_show_in_reprs_or_urls_logged() -> None:
-    s = BrokerSettings(password="s3cret")
+    s = BrokerSettings(worker_password="s3cret")
     assert "s3cret" not in repr(s) and "s3cret" not in repr(DatabaseSettings(password="x1y2"))
-    assert "s3cret" in s.url("n")  # only the connection URL carries it
+    assert "s3cret" in s.url(BrokerRole.WORKER, "n")  # only the connection URL carries it
+    assert "s3cret" not in s.url(BrokerRole.EXECUTOR, "n")
 
 
 def test_secrets_can_come_from_files(tmp_path) -> None:

@@ -3,7 +3,13 @@ import json
 import pytest
 
 from common.errors import InvalidInput
-from services.cli.inputs import parse_action, parse_execution_id, parse_params, parse_runtimes
+from services.cli.inputs import (
+    parse_action,
+    parse_duration,
+    parse_execution_id,
+    parse_params,
+    parse_runtimes,
+)
 
 MiB = 1_048_576
 
@@ -52,3 +58,15 @@ def test_action_and_ids_and_runtimes() -> None:
     assert parse_runtimes("shell, python", ("shell", "python")) == ["shell", "python"]
     with pytest.raises(InvalidInput, match="--runtime"):
         parse_runtimes("shell,ruby", ("shell", "python"))
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1.5h", 5400),
+                                           ("7d", 604_800)])
+def test_durations_in_seconds(text, seconds) -> None:
+    assert parse_duration(text, "--since") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "0s", "5 min", "-1h", "soon"])
+def test_bad_durations_name_the_option(text) -> None:
+    with pytest.raises(InvalidInput, match=f"--since {text!r}: expected a duration"):
+        parse_duration(text, "--since")

@@ -334,21 +334,51 @@ WITH moved AS (
 SELECT from_status FROM moved;
 
 -- name: retry
--- A finished execution that did not succeed runs again as a new attempt. $1 id, $2 actor
+-- Finished executions that did not succeed run again, each as a new attempt.
+-- $1 ids, $2 actor, $3 reason recorded in the history,
+-- $4 only those FAILED for this reason (NULL: any FAILED, TIMED_OUT or CANCELLED)
 WITH moved AS (
-    UPDATE executions
-    SET status = 'REQUESTED', attempt = attempt + 1,
-        max_attempts = greatest(max_attempts, attempt + 1), dispatches = 0, unpublished = 0,
-        not_before = now(), finished_at = NULL, reason = NULL, updated_at = now()
-    WHERE id = $1 AND status IN ('FAILED', 'TIMED_OUT', 'CANCELLED')
+    UPDATE executions e
+    SET status = 'REQUESTED', attempt = e.attempt + 1,
+        max_attempts = greatest(e.max_attempts, e.attempt + 1), dispatches = 0,
+        unpublished = 0, not_before = now(), finished_at = NULL, reason = NULL,
+        updated_at = now()
+    WHERE e.id = ANY($1::uuid[]) AND e.status IN ('FAILED', 'TIMED_OUT', 'CANCELLED')
+      AND ($4::text IS NULL OR (e.status = 'FAILED' AND e.reason = $4))
     -- RETURNING's sub-select still sees the row as it was before this statement.
-    RETURNING id, attempt, (SELECT status FROM executions WHERE id = $1) AS from_status
+    RETURNING e.id, e.attempt, (SELECT status FROM executions x WHERE x.id = e.id) AS from_status
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
                                    reason, actor)
-    SELECT id, attempt, 0, from_status, 'REQUESTED', 'retry_requested', $2 FROM moved
+    SELECT id, attempt, 0, from_status, 'REQUESTED', $3, $2 FROM moved
 )
-SELECT from_status, attempt FROM moved;
+SELECT id, attempt FROM moved;
+
+-- name: dead_letters
+-- Dead letters, newest first: the history rows the executor wrote for dispatches a
+-- worker queue dead-lettered (index execution_history_dead_letters).
+-- $1 only the last this many seconds (NULL: all), $2 one execution's (NULL: all), $3 limit
+SELECT h.at, h.execution_id, e.action, h.attempt, h.dispatch, h.worker_id,
+       substr(h.reason, length('dead_letter_') + 1) AS cause, h.to_status AS outcome,
+       e.status AS status_now
+FROM execution_history h
+JOIN executions e ON e.id = h.execution_id
+WHERE starts_with(h.reason, 'dead_letter_')
+  AND ($1::float8 IS NULL OR h.at > now() - make_interval(secs => $1::float8))
+  AND ($2::uuid IS NULL OR h.execution_id = $2)
+ORDER BY h.at DESC, h.id DESC
+LIMIT $3;
+
+-- name: failed_dead_lettered
+-- Executions FAILED when their last of max_dispatches deliveries was dead-lettered
+-- (reason max_dispatches, set by release_scheduled), newest first.
+-- $1 finished in the last this many seconds, $2 action or NULL, $3 limit
+SELECT id FROM executions
+WHERE status = 'FAILED' AND reason = 'max_dispatches'
+  AND finished_at > now() - make_interval(secs => $1::float8)
+  AND ($2::text IS NULL OR action = $2)
+ORDER BY finished_at DESC
+LIMIT $3;
 
 -- name: non_terminal_by_action
 -- For the metrics: work in flight per state and action, and how long the oldest has been
