@@ -170,8 +170,8 @@ async def summary(env: Env, ids: list, elapsed: float, finished: bool, a_id: str
         print(f"  .venv/bin/vigil show {failed}   one with its history")
     print("  .venv/bin/vigil workers                 worker-a stopped by the drill, the rest "
           "stopped after the demo")
-    print("  .venv/bin/vigil dead-letters list      deliveries worker-a gave back when it "
-          "stopped, and where they ran instead")
+    print("  .venv/bin/vigil dead-letters list      dispatches a worker queue gave back "
+          "(if any), and what became of them")
     print("  http://127.0.0.1:15672/#/queues/vigil  RabbitMQ management UI "
           "(user vigil-admin, password vigil-admin)")
     print(f"  {LOGS}/*.log   service logs of this run")
