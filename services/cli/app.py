@@ -35,7 +35,9 @@ from services.cli import inputs, output
 from services.cli.dead_letters import dead_letters_app
 from services.cli.plumbing import (
     CLI_ACTOR,
+    ExecutionIdArg,
     JsonOpt,
+    existing,
     parse_or_exit,
     pooled,
     run_command,
@@ -172,7 +174,7 @@ def list_executions(
 
 @app.command()
 def show(
-    execution_id: Annotated[str, typer.Argument(help="The execution's id.")],
+    execution_id: ExecutionIdArg,
     as_json: JsonOpt = False,
 ) -> None:
     """Show one execution with its whole history."""
@@ -180,9 +182,7 @@ def show(
 
     @pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list, bool]:
-        e = await executions.get(pool, eid)
-        if e is None:
-            raise VigilError(f"no execution {eid}")
+        e = await existing(pool, eid)
         return e, await executions.history(pool, eid), await workers.offers_action(pool, e.action)
 
     e, hist, offered = body()
@@ -210,7 +210,7 @@ def show(
 
 
 @app.command()
-def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
+def cancel(execution_id: ExecutionIdArg, as_json: JsonOpt = False) -> None:
     """Cancel an execution in any non-terminal state; a running child is killed."""
     eid = parse_or_exit(inputs.parse_execution_id, execution_id)
 
@@ -218,16 +218,18 @@ def cancel(execution_id: Annotated[str, typer.Argument(help="The execution's id.
     async def body(pool: asyncpg.Pool) -> None:
         was = await executions.cancel(pool, eid, CLI_ACTOR)
         if was is None:
-            e = await executions.get(pool, eid)
-            raise VigilError(f"no execution {eid}" if e is None
-                             else f"execution {eid} is already {e.status}")
-        output.console.print(f"cancelled {eid} (was {was})")
+            e = await existing(pool, eid)
+            raise VigilError(f"execution {eid} is already {e.status}")
+        if as_json:
+            output.emit_json({"id": eid, "cancelled": True, "was": was})
+        else:
+            output.console.print(f"cancelled {eid} (was {was})")
 
     body()
 
 
 @app.command()
-def retry(execution_id: Annotated[str, typer.Argument(help="The execution's id.")]) -> None:
+def retry(execution_id: ExecutionIdArg, as_json: JsonOpt = False) -> None:
     """Run a FAILED, TIMED_OUT or CANCELLED execution again, as a new attempt."""
     eid = parse_or_exit(inputs.parse_execution_id, execution_id)
 
@@ -235,11 +237,13 @@ def retry(execution_id: Annotated[str, typer.Argument(help="The execution's id."
     async def body(pool: asyncpg.Pool) -> None:
         attempt = (await executions.retry(pool, [eid], CLI_ACTOR)).get(eid)
         if attempt is None:
-            e = await executions.get(pool, eid)
-            raise VigilError(f"no execution {eid}" if e is None
-                             else f"execution {eid} is {e.status}; only FAILED, TIMED_OUT or "
-                                  "CANCELLED executions can be retried")
-        output.console.print(f"{eid} requested again as attempt {attempt}")
+            e = await existing(pool, eid)
+            raise VigilError(f"execution {eid} is {e.status}; only FAILED, TIMED_OUT or "
+                             "CANCELLED executions can be retried")
+        if as_json:
+            output.emit_json({"id": eid, "attempt": attempt})
+        else:
+            output.console.print(f"{eid} requested again as attempt {attempt}")
 
     body()
 
@@ -407,7 +411,7 @@ def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
 
 
 @db_app.command("migrate")
-def db_migrate() -> None:
+def db_migrate(as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
 
     @pooled
@@ -416,15 +420,23 @@ def db_migrate() -> None:
             return await migrate(conn)
 
     applied = body()
-    output.console.print(f"applied migrations {applied}" if applied else "schema up to date")
+    if as_json:
+        output.emit_json({"applied": applied})
+    else:
+        output.console.print(f"applied migrations {applied}" if applied
+                             else "schema up to date")
 
 
 @broker_app.command("setup")
-def broker_setup() -> None:
+def broker_setup(as_json: JsonOpt = False) -> None:
     """Create the executor and worker users with their permissions, the worker-queue
     policy, the exchanges and the dead-letter queue (idempotent; as the administrator)."""
     settings = BrokerSettings()
     run_command(broker_access.provision(settings))
+    if as_json:
+        output.emit_json({"vhost": settings.vhost, "users": [
+            settings.executor_user, settings.worker_user]})
+        return
     output.console.print(
         f"broker ready on vhost {settings.vhost!r}: users {settings.executor_user!r} and "
         f"{settings.worker_user!r}, worker-queue policy, exchanges and dead-letter queue")

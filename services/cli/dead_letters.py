@@ -22,7 +22,14 @@ from common.db import executions
 from common.errors import Unavailable, VigilError
 from common.models import DeadLetter, Execution, ExecutionStatus
 from services.cli import inputs, output
-from services.cli.plumbing import CLI_ACTOR, JsonOpt, parse_or_exit, pooled
+from services.cli.plumbing import (
+    CLI_ACTOR,
+    ExecutionIdArg,
+    JsonOpt,
+    existing,
+    parse_or_exit,
+    pooled,
+)
 
 dead_letters_app = typer.Typer(
     help="Dispatches worker queues gave back: list, inspect, requeue.", no_args_is_help=True)
@@ -89,7 +96,7 @@ def list_dead_letters(
 
 @dead_letters_app.command("inspect")
 def inspect(
-    execution_id: Annotated[str, typer.Argument(help="The execution's id.")],
+    execution_id: ExecutionIdArg,
     as_json: JsonOpt = False,
 ) -> None:
     """Every dead letter of one execution, and whether it can be requeued."""
@@ -97,9 +104,7 @@ def inspect(
 
     @pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list[DeadLetter]]:
-        e = await executions.get(pool, eid)
-        if e is None:
-            raise VigilError(f"no execution {eid}")
+        e = await existing(pool, eid)
         return e, await executions.dead_letters(pool, since_s=None, execution_id=eid,
                                                 limit=10_000)
 
@@ -150,9 +155,7 @@ def requeue(
         else:
             # Check them all first, so that one wrong id changes nothing.
             for eid in ids:
-                e = await executions.get(pool, eid)
-                if e is None:
-                    raise VigilError(f"no execution {eid}")
+                e = await existing(pool, eid)
                 if not _requeueable(e):
                     raise VigilError(
                         f"execution {eid} is {e.status}" + (f" ({e.reason})" if e.reason else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -13,12 +14,15 @@ import typer
 
 from common import db
 from common.config import DatabaseSettings
+from common.db import executions
 from common.db.pool import CONNECTION_ERRORS
 from common.errors import DatabaseUnavailable, InvalidInput, VigilError
+from common.models import Execution
 from services.cli import output
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ExecutionIdArg = Annotated[str, typer.Argument(help="The execution's id.")]
 CLI_ACTOR = "cli"
 
 
@@ -62,3 +66,11 @@ def pooled(fn: Callable[..., Awaitable[T]]) -> Callable[..., T]:
         return run_command(with_pool(lambda pool: fn(pool, *args, **kwargs)))
 
     return wrapper
+
+
+async def existing(pool: asyncpg.Pool, execution_id: uuid.UUID) -> Execution:
+    """The execution, or a failure naming the id that does not exist."""
+    e = await executions.get(pool, execution_id)
+    if e is None:
+        raise VigilError(f"no execution {execution_id}")
+    return e

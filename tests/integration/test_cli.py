@@ -105,9 +105,28 @@ async def test_migrate_is_idempotent(env: Env):
     assert result.returncode == 0 and "up to date" in result.stdout
 
 
+async def test_commands_print_json_for_scripts(env: Env):
+    [eid] = await env.submit("nobody.offers.this")
+
+    def run(*args: str) -> object:
+        result = env.cli(*args, "--json")
+        assert result.returncode == 0, (args, result.stderr)
+        return json.loads(result.stdout)
+
+    assert run("cancel", str(eid)) == {"id": str(eid), "cancelled": True, "was": "REQUESTED"}
+    assert run("retry", str(eid)) == {"id": str(eid), "attempt": 2}
+    assert [e["id"] for e in run("ls")] == [str(eid)]
+    assert run("show", str(eid))["execution"]["status"] == "REQUESTED"
+    assert run("stats")["by_status"] == {"REQUESTED": 1}
+    assert run("workers") == []
+    assert run("dead-letters", "list") == {"waiting": 0, "dead_letters": []}
+    assert run("db", "migrate") == {"applied": []}
+    assert run("broker", "setup")["users"] == ["vigil-executor", "vigil-worker"]
+
+
 async def test_every_command_has_help(env: Env):
-    for command in ["submit", "ls", "show", "cancel", "retry", "workers", "stats",
-                    "executor", "worker", "db", "broker"]:
+    for command in ["submit", "ls", "show", "cancel", "retry", "workers", "stats", "top",
+                    "dead-letters", "executor", "worker", "db", "broker"]:
         result = env.cli(command, "--help")
         assert result.returncode == 0, command
         assert "Usage" in result.stdout
