@@ -95,6 +95,11 @@ async def claim_due(conn: asyncpg.Connection, wanted: dict[str, int]) -> list[Cl
     return [Claimed(**dict(r)) for r in rows]
 
 
+def _scheduled(rows: list[asyncpg.Record]) -> list[Scheduled]:
+    return [Scheduled(id=r["id"], attempt=r["attempt"], dispatch=r["dispatches"],
+                      worker_id=r["worker_id"]) for r in rows]
+
+
 async def mark_scheduled(
     conn: asyncpg.Connection, assignments: list[tuple[Claimed, str]], actor: str
 ) -> list[Scheduled]:
@@ -105,11 +110,17 @@ async def mark_scheduled(
         [w for _, w in assignments],
         actor,
     )
-    return [
-        Scheduled(id=r["id"], attempt=r["attempt"], dispatch=r["dispatches"],
-                  worker_id=r["worker_id"])
-        for r in rows
-    ]
+    return _scheduled(rows)
+
+
+async def committed_dispatches(conn: Conn, dispatches: list[Scheduled]) -> list[Scheduled]:
+    """Those of these dispatches that are SCHEDULED with exactly this token."""
+    rows = await conn.fetch(
+        SQL["committed_dispatches"], [d.id for d in dispatches],
+        [d.attempt for d in dispatches], [d.dispatch for d in dispatches],
+        [d.worker_id for d in dispatches],
+    )
+    return _scheduled(rows)
 
 
 async def release_scheduled(

@@ -7,7 +7,7 @@ import asyncio
 import signal
 import time
 
-from services.executor.dispatcher import FAULT_AFTER_COMMIT_ENV
+from services.executor.dispatcher import FAULT_ENV
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, record_load
 from tests.harness import Env, wait_until
@@ -20,7 +20,7 @@ async def test_executor_killed_between_commit_and_publish_is_recovered_by_the_mo
     env.worker("w1", capacity=4)
     await env.live_workers(1)
     ids = await record_load(env, 5, seconds=0)
-    doomed = env.executor("doomed", **{FAULT_AFTER_COMMIT_ENV: "1"})
+    doomed = env.executor("doomed", **{FAULT_ENV: "exit-after-commit"})
     code = await asyncio.to_thread(doomed.wait, 30)
     died_at = time.monotonic()
     assert code == 97, doomed.log()[-2000:]
@@ -39,6 +39,26 @@ async def test_executor_killed_between_commit_and_publish_is_recovered_by_the_mo
     assert await env.pool.fetchval(
         "SELECT count(*) FROM executions WHERE id = ANY($1) AND status = 'SUCCEEDED'",
         ids) == 5
+
+
+async def test_a_lost_commit_reply_publishes_what_committed_without_waiting_for_a_timeout(
+    env: Env, drill_report: DrillResult
+):
+    # The schedule-to-start timeout (60 s) would recover them too, but only after a minute.
+    env.worker("w1", capacity=8)
+    await env.live_workers(1)
+    ids = await record_load(env, 5, seconds=0)
+    began = time.monotonic()
+    unlucky = env.executor("unlucky", **{FAULT_ENV: "lose-commit-reply"})
+    await env.all_terminal(ids, timeout=20)
+    recovery = time.monotonic() - began
+    assert "dispatch commit reply lost: 5 of 5 dispatches had committed" in unlucky.log()
+    released = await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE execution_id = ANY($1) "
+        "AND from_status = 'SCHEDULED' AND to_status = 'REQUESTED'", ids)
+    drill_report.figures.update(await check_promises(env, ids))
+    drill_report.figures.update(recovery_s=round(recovery, 2), released=released)
+    assert released == 0, "each was published on its first dispatch"
 
 
 async def test_executor_sigkilled_and_restarted_mid_load_loses_nothing(

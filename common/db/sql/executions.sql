@@ -75,6 +75,16 @@ WITH assignment AS (
 )
 SELECT id, attempt, dispatches, worker_id FROM moved;
 
+-- name: committed_dispatches
+-- Which of these dispatches are SCHEDULED as given: after the reply to their COMMIT was
+-- lost, the ones that committed. $1 ids, $2 attempts, $3 dispatches, $4 worker ids
+SELECT e.id, e.attempt, e.dispatches, e.worker_id
+FROM executions e
+JOIN unnest($1::uuid[], $2::int[], $3::int[], $4::text[]) AS d(id, attempt, dispatch, worker_id)
+  ON e.id = d.id AND e.attempt = d.attempt AND e.dispatches = d.dispatch
+     AND e.worker_id = d.worker_id
+WHERE e.status = 'SCHEDULED';
+
 -- name: release_scheduled
 -- A dispatch that was never started goes back to REQUESTED, or FAILED once the attempt
 -- has been delivered max_dispatches times. A dispatch whose publish failed ($8) never
