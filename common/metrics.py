@@ -34,6 +34,11 @@ DEAD_LETTERS = Counter(
 BAD_MESSAGES = Counter(
     "vigil_bad_messages_total", "Malformed or foreign messages rejected.", ["queue", "kind"]
 )
+SCHEDULE_FIRINGS = Counter(
+    "vigil_schedule_firings_total",
+    "Schedule firings: fired, skipped (the previous one still going) or cancelled_previous.",
+    ["schedule", "outcome"],
+)
 LOOP_LAST_COMPLETED = Gauge(
     "vigil_loop_last_completed_timestamp_seconds",
     "When each background loop last finished an iteration.",

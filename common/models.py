@@ -114,6 +114,41 @@ class DeadLetter(BaseModel):
     status_now: ExecutionStatus
 
 
+class Overlap(StrEnum):
+    """What a schedule does when its previous firing has not finished."""
+
+    SKIP = "skip"
+    ALLOW = "allow"
+    CANCEL_PREVIOUS = "cancel_previous"
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    action: str
+    params: Any
+    every_s: int | None
+    cron: str | None
+    overlap: Overlap
+    paused: bool
+    next_fire_at: datetime
+    last_fired_at: datetime | None
+    last_execution_id: uuid.UUID | None
+    last_status: ExecutionStatus | None
+    skipped: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def cadence(self) -> str:
+        return f"every {self.every_s}s" if self.every_s is not None else f"cron {self.cron}"
+
+    @property
+    def previous_running(self) -> bool:
+        return self.last_status is not None and not self.last_status.terminal
+
+
 class Worker(BaseModel):
     model_config = ConfigDict(frozen=True)
 

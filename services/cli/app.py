@@ -42,6 +42,7 @@ from services.cli.plumbing import (
     pooled,
     run_command,
 )
+from services.cli.schedules import schedules_app
 
 app = typer.Typer(
     help="Vigil: a distributed task system where nothing gets stuck, lost or run twice.",
@@ -56,6 +57,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(broker_app, name="broker")
 app.add_typer(config_app, name="config")
 app.add_typer(dead_letters_app, name="dead-letters")
+app.add_typer(schedules_app, name="schedules")
 
 T = TypeVar("T")
 
@@ -96,7 +98,7 @@ def submit(
 ) -> None:
     """Submit an execution of ACTION and print its id."""
     limits = SubmitLimits()
-    action = parse_or_exit(inputs.parse_action, action, limits.max_action_length)
+    action = parse_or_exit(inputs.parse_name, action, "action", limits.max_action_length)
     params = parse_or_exit(inputs.parse_params, param or [], params_json, limits.max_params_bytes)
 
     async def body(pool: asyncpg.Pool) -> Execution | None:

@@ -50,12 +50,13 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
     return params
 
 
-def parse_action(action: str, max_length: int) -> str:
-    if not action.strip():
-        raise InvalidInput("action name is empty")
-    if len(action) > max_length:
-        raise InvalidInput(f"action name is over {max_length} characters")
-    return action
+def parse_name(name: str, what: str, max_length: int) -> str:
+    """An action's or a schedule's name: not blank, not too long."""
+    if not name.strip():
+        raise InvalidInput(f"{what} name is empty")
+    if len(name) > max_length:
+        raise InvalidInput(f"{what} name is over {max_length} characters")
+    return name
 
 
 def parse_execution_id(text: str) -> uuid.UUID:

@@ -17,6 +17,7 @@ def run_executor(
         # A loop that has not completed for this long is stalled.
         stalled_after = 10 * max(settings.dispatch_poll_interval_s, settings.monitor_interval_s)
         metrics.serve(settings.metrics_host, settings.metrics_port, metrics.loops_health(
-            {"dispatch": stalled_after, "timeout_monitor": stalled_after}
+            {"dispatch": stalled_after, "timeout_monitor": stalled_after,
+             "schedules": stalled_after}
         ))
     service.run(executor)

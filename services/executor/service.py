@@ -1,7 +1,7 @@
 """The executor process: independent loops over one pool and one broker connection.
 
-Dispatch, the timeout monitor, dead-letter handling and worker events each run on
-their own (seed 000): one stuck or failing loop never holds up another. Any number of
+Dispatch, the timeout monitor, schedules, dead-letter handling and worker events each run
+on their own (seed 000): one stuck or failing loop never holds up another. Any number of
 executors may run; they share nothing but Postgres rows, guarded by compare-and-set.
 """
 
@@ -22,6 +22,7 @@ from services.executor.dead_letters import DeadLetterHandler
 from services.executor.dispatcher import Dispatcher
 from services.executor.gauges import Gauges
 from services.executor.monitor import TimeoutMonitor
+from services.executor.schedules import Scheduler
 from services.executor.worker_events import EVENTS, WorkerEventHandler
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "vigil_dispatch"
 LISTENER_CHECK_INTERVAL_S = 1.0
 GAUGES_INTERVAL_S = 5.0
+# Schedules fire at whole seconds (intervals) or minutes (cron).
+SCHEDULES_INTERVAL_S = 1.0
 
 
 class Executor:
@@ -83,6 +86,7 @@ class Executor:
             self._loop("timeout_monitor", monitor.sweep, s.monitor_interval_s, self._sweep_now),
             self._loop("dispatch_listener", self._keep_listening, LISTENER_CHECK_INTERVAL_S),
             self._loop("gauges", Gauges(pool).refresh, GAUGES_INTERVAL_S),
+            self._loop("schedules", Scheduler(pool).fire_due, SCHEDULES_INTERVAL_S),
         ]
         log.info("executor %s ready", self.id, extra={"event": "executor_ready"})
 

@@ -126,7 +126,7 @@ async def test_commands_print_json_for_scripts(env: Env):
 
 async def test_every_command_has_help(env: Env):
     for command in ["submit", "ls", "show", "cancel", "retry", "workers", "stats", "top",
-                    "dead-letters", "executor", "worker", "db", "broker"]:
+                    "dead-letters", "schedules", "executor", "worker", "db", "broker"]:
         result = env.cli(command, "--help")
         assert result.returncode == 0, command
         assert "Usage" in result.stdout

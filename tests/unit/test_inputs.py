@@ -4,9 +4,9 @@ import pytest
 
 from common.errors import InvalidInput
 from services.cli.inputs import (
-    parse_action,
     parse_duration,
     parse_execution_id,
+    parse_name,
     parse_params,
     parse_runtimes,
 )
@@ -48,11 +48,11 @@ def test_params_over_the_limit_are_refused() -> None:
 
 
 def test_action_and_ids_and_runtimes() -> None:
-    assert parse_action("demo.add", 200) == "demo.add"
-    with pytest.raises(InvalidInput, match="empty"):
-        parse_action("  ", 200)
-    with pytest.raises(InvalidInput, match="over 200"):
-        parse_action("a" * 201, 200)
+    assert parse_name("demo.add", "action", 200) == "demo.add"
+    with pytest.raises(InvalidInput, match="action name is empty"):
+        parse_name("  ", "action", 200)
+    with pytest.raises(InvalidInput, match="schedule name is over 200"):
+        parse_name("a" * 201, "schedule", 200)
     with pytest.raises(InvalidInput, match="not an execution id"):
         parse_execution_id("nope")
     assert parse_runtimes("shell, python", ("shell", "python")) == ["shell", "python"]

@@ -1,0 +1,154 @@
+"""`vigil schedules`: run an action on an interval or a cron expression (UTC).
+
+The executors fire them (services/executor/schedules.py); each firing is an ordinary
+execution, submitted by `schedule:<name>`, so `vigil ls`, `show`, `cancel` and `retry`
+work on it as on any other.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+import asyncpg
+import typer
+
+from common import cadence
+from common.config import SubmitLimits
+from common.db import schedules, workers
+from common.errors import InvalidInput, VigilError
+from common.models import Overlap, Schedule
+from services.cli import inputs, output
+from services.cli.plumbing import JsonOpt, parse_or_exit, pooled
+
+schedules_app = typer.Typer(help="Run actions on an interval or a cron expression.",
+                            no_args_is_help=True)
+
+NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
+
+
+def _every_s(text: str) -> int:
+    seconds = inputs.parse_duration(text, "--every")
+    if seconds != int(seconds):
+        raise InvalidInput(f"--every {text!r}: give whole seconds")
+    return int(seconds)
+
+
+def _cadence(every: str | None, cron: str | None) -> tuple[int | None, str | None]:
+    if (every is None) == (cron is None):
+        raise InvalidInput("give --every or --cron (one of them)")
+    if every is not None:
+        return _every_s(every), None
+    assert cron is not None
+    return None, cadence.check_cron(cron)
+
+
+def _table(rows: list[Schedule]) -> None:
+    output.table(None, ["name", "action", "when", "overlap", "next", "last fired", "last",
+                        "skipped"], [
+        (s.name, s.action, s.cadence, s.overlap,
+         "paused" if s.paused else output.when(s.next_fire_at), output.when(s.last_fired_at),
+         s.last_status, s.skipped) for s in rows
+    ])
+
+
+@schedules_app.command("add")
+def add(
+    name: NameArg,
+    action: Annotated[str, typer.Argument(help="The action each firing runs.")],
+    every: Annotated[str | None, typer.Option(
+        help="Fire every this long: 30s, 15m, 1h, 1d.")] = None,
+    cron: Annotated[str | None, typer.Option(
+        help="Fire at the times of this cron expression, in UTC, e.g. '*/5 * * * *'.")]
+    = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).",
+    )] = None,
+    params_json: Annotated[str | None, typer.Option(
+        "--params-json", help="All parameters as a JSON object, or @FILE to read one.",
+    )] = None,
+    overlap: Annotated[Overlap, typer.Option(
+        case_sensitive=False, help="When the previous firing has not finished: skip this "
+                                   "one, allow both, or cancel the previous one.")]
+    = Overlap.SKIP,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a schedule that runs ACTION on an interval or a cron expression."""
+    limits = SubmitLimits()
+    name = parse_or_exit(inputs.parse_name, name, "schedule", limits.max_action_length)
+    action = parse_or_exit(inputs.parse_name, action, "action", limits.max_action_length)
+    params = parse_or_exit(inputs.parse_params, param or [], params_json,
+                           limits.max_params_bytes)
+    every_s, cron_expr = parse_or_exit(_cadence, every, cron)
+
+    @pooled
+    async def body(pool: asyncpg.Pool) -> Schedule:
+        first = cadence.next_fire(every_s=every_s, cron=cron_expr, after=datetime.now(UTC))
+        if not await schedules.insert(pool, name=name, action=action, params=params,
+                                      every_s=every_s, cron=cron_expr, overlap=overlap,
+                                      first_fire_at=first):
+            raise VigilError(f"schedule {name!r} exists; `vigil schedules rm {name}` first")
+        if not await workers.offers_action(pool, action):
+            output.warn(f"no live worker offers action {action!r}; "
+                        "its executions wait until one does")
+        [created] = await schedules.list_all(pool, name)
+        return created
+
+    created = body()
+    if as_json:
+        output.emit_json(created)
+        return
+    output.console.print(f"schedule {created.name!r}: {created.action} {created.cadence}, "
+                         f"overlap {created.overlap}; first at "
+                         f"{output.when(created.next_fire_at)}", markup=False)
+
+
+@schedules_app.command("ls")
+def list_schedules(as_json: JsonOpt = False) -> None:
+    """Every schedule: when it fires next, and how its last firing went."""
+    rows = pooled(schedules.list_all)()
+    if as_json:
+        output.emit_json(rows)
+    elif rows:
+        _table(rows)
+    else:
+        output.console.print("no schedules")
+
+
+def _change(name: str, change: str, paused: bool | None = None) -> None:
+    """Remove, pause or resume a schedule; a name that does not exist fails."""
+
+    @pooled
+    async def body(pool: asyncpg.Pool) -> bool:
+        if paused is None:
+            return await schedules.delete(pool, name)
+        [existing] = await schedules.list_all(pool, name) or [None]
+        if existing is None:
+            return False
+        # Resumed, it fires next from now on, not for the time it was paused.
+        upcoming = None if paused else cadence.next_fire(
+            every_s=existing.every_s, cron=existing.cron, after=datetime.now(UTC))
+        return await schedules.set_paused(pool, name, paused, upcoming)
+
+    if not body():
+        output.fail(f"no schedule {name!r}")
+        raise typer.Exit(1)
+    output.console.print(f"schedule {name!r} {change}", markup=False)
+
+
+@schedules_app.command("rm")
+def remove(name: NameArg) -> None:
+    """Delete a schedule; executions it already made are kept."""
+    _change(name, "removed")
+
+
+@schedules_app.command("pause")
+def pause(name: NameArg) -> None:
+    """Stop a schedule firing, until `resume`."""
+    _change(name, "paused", paused=True)
+
+
+@schedules_app.command("resume")
+def resume(name: NameArg) -> None:
+    """Fire a paused schedule again, from its next time after now."""
+    _change(name, "resumed", paused=False)
