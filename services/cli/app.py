@@ -37,6 +37,8 @@ from services.cli.plumbing import (
     CLI_ACTOR,
     ExecutionIdArg,
     JsonOpt,
+    ParamOpt,
+    ParamsJsonOpt,
     existing,
     parse_or_exit,
     pooled,
@@ -72,12 +74,8 @@ def main() -> None:
 @app.command()
 def submit(
     action: Annotated[str, typer.Argument(help="The action to run, e.g. shell or demo.add.")],
-    param: Annotated[list[str] | None, typer.Option(
-        "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).",
-    )] = None,
-    params_json: Annotated[str | None, typer.Option(
-        "--params-json", help="All parameters as a JSON object, or @FILE to read one.",
-    )] = None,
+    param: ParamOpt = None,
+    params_json: ParamsJsonOpt = None,
     max_attempts: Annotated[int | None, typer.Option(
         min=1, max=100, help="Attempts before it is FAILED [default: the action's, or 3].",
     )] = None,

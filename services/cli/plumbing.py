@@ -23,6 +23,10 @@ from services.cli import output
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 ExecutionIdArg = Annotated[str, typer.Argument(help="The execution's id.")]
+ParamOpt = Annotated[list[str] | None, typer.Option(
+    "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).")]
+ParamsJsonOpt = Annotated[str | None, typer.Option(
+    "--params-json", help="All parameters as a JSON object, or @FILE to read one.")]
 CLI_ACTOR = "cli"
 
 

@@ -19,7 +19,7 @@ from common.db import schedules, workers
 from common.errors import InvalidInput, VigilError
 from common.models import Overlap, Schedule
 from services.cli import inputs, output
-from services.cli.plumbing import JsonOpt, parse_or_exit, pooled
+from services.cli.plumbing import JsonOpt, ParamOpt, ParamsJsonOpt, parse_or_exit, pooled
 
 schedules_app = typer.Typer(help="Run actions on an interval or a cron expression.",
                             no_args_is_help=True)
@@ -61,12 +61,8 @@ def add(
     cron: Annotated[str | None, typer.Option(
         help="Fire at the times of this cron expression, in UTC, e.g. '*/5 * * * *'.")]
     = None,
-    param: Annotated[list[str] | None, typer.Option(
-        "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).",
-    )] = None,
-    params_json: Annotated[str | None, typer.Option(
-        "--params-json", help="All parameters as a JSON object, or @FILE to read one.",
-    )] = None,
+    param: ParamOpt = None,
+    params_json: ParamsJsonOpt = None,
     overlap: Annotated[Overlap, typer.Option(
         case_sensitive=False, help="When the previous firing has not finished: skip this "
                                    "one, allow both, or cancel the previous one.")]
