@@ -39,6 +39,11 @@ SCHEDULE_FIRINGS = Counter(
     "Schedule firings: fired, skipped (the previous one still going) or cancelled_previous.",
     ["schedule", "outcome"],
 )
+SCHEDULE_SKIPPED = Gauge(
+    "vigil_schedule_skipped_ticks",
+    "Ticks each schedule skipped in a row because its previous firing has not finished.",
+    ["schedule"],
+)
 LOOP_LAST_COMPLETED = Gauge(
     "vigil_loop_last_completed_timestamp_seconds",
     "When each background loop last finished an iteration.",

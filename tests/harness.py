@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -62,6 +64,37 @@ async def wait_until(
 def management(path: str, method: str = "GET", body: Any = None) -> Any:
     """Call the RabbitMQ management API as the admin user."""
     return broker.management_api(BrokerSettings(), path, method=method, body=body)
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """GET a service's /metrics or /healthz: (status, body), or (0, "") if it is not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one series in Prometheus text format, or None."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == name or (want and series.startswith(name + "{") and all(
+                f'{k}="{v}"' in series for k, v in labels.items())):
+            return float(value)
+    return None
+
+
+async def scrape_until(port: int, check: Callable[[str], Any], what: str) -> str:
+    """Scrape /metrics until `check` passes on the text; return that text."""
+    async def ready() -> str | None:
+        status, text = await asyncio.to_thread(get, port, "/metrics")
+        return text if status == 200 and check(text) else None
+
+    return await wait_until(ready, timeout=30, interval=0.2, what=what)
 
 
 @dataclass

@@ -55,3 +55,8 @@ async def advance(
 ) -> None:
     """Set the next fire time after a firing (execution_id) or a skip (None)."""
     await conn.execute(SQL["advance"], name, next_fire_at, execution_id, fired_at)
+
+
+async def skipped(conn: Conn) -> dict[str, int]:
+    """Ticks each schedule skipped in a row (its previous firing still going)."""
+    return {r["name"]: r["skipped"] for r in await conn.fetch(SQL["skipped"])}

@@ -1,12 +1,13 @@
 """The gauges only the database can answer: work in flight per state and action, its
-age, and workers per status. Every executor exports them; take max() across replicas."""
+age, workers per status, and ticks each schedule skipped in a row. Every executor
+exports them; take max() across replicas."""
 
 from __future__ import annotations
 
 import asyncpg
 
-from common.db import executions, workers
-from common.metrics import EXECUTIONS, OLDEST_EXECUTION, WORKERS
+from common.db import executions, schedules, workers
+from common.metrics import EXECUTIONS, OLDEST_EXECUTION, SCHEDULE_SKIPPED, WORKERS
 from common.models import WorkerStatus
 
 
@@ -28,3 +29,7 @@ class Gauges:
         by_status = await workers.count_by_status(self._pool)
         for status in WorkerStatus:
             WORKERS.labels(status).set(by_status.get(status, 0))
+        skipped = await schedules.skipped(self._pool)
+        SCHEDULE_SKIPPED.clear()  # a removed schedule's series goes with it
+        for name, n in skipped.items():
+            SCHEDULE_SKIPPED.labels(name).set(n)

@@ -8,7 +8,9 @@ import time
 
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, record_load
-from tests.harness import Env, wait_until
+from tests.harness import Env, sample, scrape_until, wait_until
+
+METRICS_PORT = 19321
 
 
 async def _keys(env: Env, name: str, status: str) -> list[str]:
@@ -21,7 +23,7 @@ async def _keys(env: Env, name: str, status: str) -> list[str]:
 async def test_a_stuck_scheduled_run_is_skipped_quietly_and_starves_nothing(
     env: Env, drill_report: DrillResult
 ):
-    executor = env.executor()
+    executor = env.executor(metrics_port=METRICS_PORT)
     env.worker("w1", capacity=4)
     await env.live_workers(1)
     for args in (["stuck", "demo.sleep", "-p", "seconds=3600", "--every", "1s"],
@@ -50,6 +52,11 @@ async def test_a_stuck_scheduled_run_is_skipped_quietly_and_starves_nothing(
     assert await _keys(env, "stuck", "RUNNING") == [stuck_id], "no second run piled up"
     warnings = executor.log().count("schedule stuck skipped a firing")
     assert warnings == 1, f"logged {warnings} times: once a minute, with a count"
+
+    # What the VigilScheduleStuck alert watches.
+    await scrape_until(METRICS_PORT, lambda text: (sample(
+        text, "vigil_schedule_skipped_ticks", schedule="stuck") or 0) >= 1,
+        "vigil_schedule_skipped_ticks")
 
     # Once the stuck run ends (here an operator cancels it), the next tick fires again.
     assert env.cli("cancel", str(stuck_id)).returncode == 0

@@ -6,12 +6,11 @@ import asyncio
 import os
 import signal
 import time
-import urllib.request
 
 from common.models import ExecutionStatus
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, in_state_on, record_load, worker_id
-from tests.harness import Env, deaf_worker, wait_until
+from tests.harness import Env, deaf_worker, get, wait_until
 
 
 async def sigkill_drill(env: Env, report: DrillResult, detect_within: float) -> None:
@@ -148,7 +147,7 @@ async def test_sigstopped_worker_late_completion_is_fenced_out(
     sleeper.signal(signal.SIGCONT)
 
     async def fenced() -> float | None:
-        text = await asyncio.to_thread(_scrape, 19211)
+        _, text = await asyncio.to_thread(get, 19211, "/metrics")
         total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                     if line.startswith("vigil_fenced_writes_total{"))
         revoked = "no longer ours" in sleeper.log()
@@ -166,11 +165,6 @@ async def test_sigstopped_worker_late_completion_is_fenced_out(
     await wait_until(active_again, timeout=10, what="sleeper ACTIVE again")
     drill_report.figures.update(await check_promises(env, [eid]))
     drill_report.figures.update(recovery_s=round(recovery, 2))
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
 
 
 async def test_undelivered_messages_dead_letter_at_ttl_and_are_redispatched(

@@ -37,7 +37,7 @@ DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 METRICS_PORT = 9100
 RUNBOOK_ANCHORS = {
     "stalled-loop", "worker-lost", "dead-letters", "stuck-executions", "publish-failures",
-    "target-down", "memory-pressure",
+    "target-down", "memory-pressure", "schedule-stuck",
 }
 
 SETTING_NAMES = {
@@ -614,7 +614,7 @@ def test_every_alert_uses_real_metrics_and_links_an_existing_runbook():
     assert {a["alert"] for a in alerts} >= {
         "VigilLoopStalled", "VigilWorkerDown", "VigilAttemptsLostWithWorker",
         "VigilDeadLettersHigh", "VigilStuckExecutions", "VigilExecutionsWaiting",
-        "VigilPublishFailures", "VigilTargetDown", "VigilNoExecutor"}
+        "VigilPublishFailures", "VigilTargetDown", "VigilNoExecutor", "VigilScheduleStuck"}
     used_anchors = set()
     for rule in [r for g in rules["groups"] for r in g["rules"]]:
         for name in re.findall(r"\b((?:vigil[_:]|up\b)[a-z0-9_:]*)", rule["expr"]):

@@ -2,39 +2,8 @@
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
-from tests.harness import Env, wait_until
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of one series in Prometheus text format, or None."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series == name or (want and series.startswith(name + "{") and all(
-                f'{k}="{v}"' in series for k, v in labels.items())):
-            return float(value)
-    return None
-
-
-async def scrape_until(port: int, check, what: str) -> str:
-    async def ready() -> str | None:
-        status, text = await asyncio.to_thread(get, port, "/metrics")
-        return text if status == 200 and check(text) else None
-
-    return await wait_until(ready, timeout=30, interval=0.2, what=what)
+from tests.harness import Env, get, sample, scrape_until
 
 
 async def test_executor_and_worker_export_metrics_and_health(env: Env):

@@ -2,11 +2,10 @@
 
 import json
 import time
-import urllib.request
 from datetime import datetime
 from itertools import pairwise
 
-from tests.harness import Env, wait_until
+from tests.harness import Env, sample, scrape_until, wait_until
 
 METRICS_PORT = 19311
 
@@ -79,14 +78,6 @@ async def test_allow_overlap_runs_firings_side_by_side(env: Env):
     await wait_until(three_running, timeout=30, what="three firings running at once")
 
 
-def _schedules_loop_completed_at() -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith('vigil_loop_last_completed_timestamp_seconds{loop="schedules"}'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 async def test_a_paused_schedule_does_not_fire_until_resumed(env: Env):
     env.executor(metrics_port=METRICS_PORT)
     # Nobody runs them, so each firing stays REQUESTED: `allow` fires on regardless.
@@ -100,14 +91,10 @@ async def test_a_paused_schedule_does_not_fire_until_resumed(env: Env):
     paused_at = time.time()
     before = len(await _fired(env, "nap"))
 
-    async def loop_ran_past_a_due_time() -> bool:
-        # Two seconds of schedule sweeps after the pause: the 1s schedule was due twice.
-        try:
-            return _schedules_loop_completed_at() > paused_at + 2
-        except OSError:
-            return False
-
-    await wait_until(loop_ran_past_a_due_time, timeout=15, what="schedule sweeps after pause")
+    # Two seconds of schedule sweeps after the pause: the 1s schedule was due twice.
+    await scrape_until(METRICS_PORT, lambda text: (sample(
+        text, "vigil_loop_last_completed_timestamp_seconds", loop="schedules") or 0)
+        > paused_at + 2, "schedule sweeps after the pause")
     assert len(await _fired(env, "nap")) == before
     [listed] = json.loads(env.cli("schedules", "ls", "--json").stdout)
     assert listed["paused"] is True
