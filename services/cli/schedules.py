@@ -118,12 +118,12 @@ def _change(name: str, change: str, paused: bool | None = None) -> None:
     async def body(pool: asyncpg.Pool) -> bool:
         if paused is None:
             return await schedules.delete(pool, name)
-        [existing] = await schedules.list_all(pool, name) or [None]
-        if existing is None:
+        found = await schedules.list_all(pool, name)
+        if not found:
             return False
         # Resumed, it fires next from now on, not for the time it was paused.
         upcoming = None if paused else cadence.next_fire(
-            every_s=existing.every_s, cron=existing.cron, after=datetime.now(UTC))
+            every_s=found[0].every_s, cron=found[0].cron, after=datetime.now(UTC))
         return await schedules.set_paused(pool, name, paused, upcoming)
 
     if not body():
