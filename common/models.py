@@ -128,6 +128,8 @@ class Schedule(BaseModel):
     name: str
     action: str
     params: Any
+    max_attempts: int | None
+    timeout_s: int | None
     every_s: int | None
     cron: str | None
     overlap: Overlap

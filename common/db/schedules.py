@@ -17,11 +17,13 @@ SQL = load("schedules")
 
 async def insert(
     conn: Conn, *, name: str, action: str, params: Any, every_s: int | None,
-    cron: str | None, overlap: Overlap, first_fire_at: datetime,
+    cron: str | None, overlap: Overlap, first_fire_at: datetime, max_attempts: int | None,
+    timeout_s: int | None,
 ) -> bool:
     """Create a schedule; False if one of that name exists."""
     return await conn.fetchval(
-        SQL["insert"], name, action, params, every_s, cron, overlap, first_fire_at
+        SQL["insert"], name, action, params, every_s, cron, overlap, first_fire_at,
+        max_attempts, timeout_s,
     ) is not None
 
 

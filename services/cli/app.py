@@ -37,8 +37,10 @@ from services.cli.plumbing import (
     CLI_ACTOR,
     ExecutionIdArg,
     JsonOpt,
+    MaxAttemptsOpt,
     ParamOpt,
     ParamsJsonOpt,
+    TimeoutOpt,
     existing,
     parse_or_exit,
     pooled,
@@ -76,14 +78,8 @@ def submit(
     action: Annotated[str, typer.Argument(help="The action to run, e.g. shell or demo.add.")],
     param: ParamOpt = None,
     params_json: ParamsJsonOpt = None,
-    max_attempts: Annotated[int | None, typer.Option(
-        min=1, max=100, help="Attempts before it is FAILED [default: the action's, or 3].",
-    )] = None,
-    timeout: Annotated[int | None, typer.Option(
-        min=1, max=7 * 86_400,
-        help="Start-to-close timeout of each attempt, in seconds [default: the action's, "
-             "or 3600].",
-    )] = None,
+    max_attempts: MaxAttemptsOpt = None,
+    timeout: TimeoutOpt = None,
     idempotency_key: Annotated[str | None, typer.Option(
         help="Submitting the same key again returns the existing execution.",
     )] = None,

@@ -27,6 +27,11 @@ ParamOpt = Annotated[list[str] | None, typer.Option(
     "-p", "--param", help="A parameter as key=value (value parsed as JSON if it can be).")]
 ParamsJsonOpt = Annotated[str | None, typer.Option(
     "--params-json", help="All parameters as a JSON object, or @FILE to read one.")]
+MaxAttemptsOpt = Annotated[int | None, typer.Option(
+    min=1, max=100, help="Attempts before it is FAILED [default: the action's, or 3].")]
+TimeoutOpt = Annotated[int | None, typer.Option(
+    min=1, max=7 * 86_400, help="Start-to-close timeout of each attempt, in seconds "
+                                "[default: the action's, or 3600].")]
 CLI_ACTOR = "cli"
 
 

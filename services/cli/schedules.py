@@ -19,7 +19,15 @@ from common.db import schedules, workers
 from common.errors import InvalidInput, VigilError
 from common.models import Overlap, Schedule
 from services.cli import inputs, output
-from services.cli.plumbing import JsonOpt, ParamOpt, ParamsJsonOpt, parse_or_exit, pooled
+from services.cli.plumbing import (
+    JsonOpt,
+    MaxAttemptsOpt,
+    ParamOpt,
+    ParamsJsonOpt,
+    TimeoutOpt,
+    parse_or_exit,
+    pooled,
+)
 
 schedules_app = typer.Typer(help="Run actions on an interval or a cron expression.",
                             no_args_is_help=True)
@@ -63,6 +71,8 @@ def add(
     = None,
     param: ParamOpt = None,
     params_json: ParamsJsonOpt = None,
+    max_attempts: MaxAttemptsOpt = None,
+    timeout: TimeoutOpt = None,
     overlap: Annotated[Overlap, typer.Option(
         case_sensitive=False, help="When the previous firing has not finished: skip this "
                                    "one, allow both, or cancel the previous one.")]
@@ -82,7 +92,8 @@ def add(
         first = cadence.next_fire(every_s=every_s, cron=cron_expr, after=datetime.now(UTC))
         if not await schedules.insert(pool, name=name, action=action, params=params,
                                       every_s=every_s, cron=cron_expr, overlap=overlap,
-                                      first_fire_at=first):
+                                      first_fire_at=first, max_attempts=max_attempts,
+                                      timeout_s=timeout):
             raise VigilError(f"schedule {name!r} exists; `vigil schedules rm {name}` first")
         if not await workers.offers_action(pool, action):
             output.warn(f"no live worker offers action {action!r}; "

@@ -64,7 +64,8 @@ class Scheduler:
             if await executions.cancel(conn, s.last_execution_id, actor) is not None:
                 SCHEDULE_FIRINGS.labels(s.name, "cancelled_previous").inc()
         submitted = await executions.insert(
-            conn, action=s.action, params=s.params, max_attempts=None, timeout_s=None,
+            conn, action=s.action, params=s.params, max_attempts=s.max_attempts,
+            timeout_s=s.timeout_s,
             idempotency_key=idempotency_key(s.name, fire_at), actor=actor,
         )
         await schedules.advance(conn, s.name, next_fire_at=upcoming, fired_at=fire_at,

@@ -112,18 +112,20 @@ async def test_bad_schedules_are_refused_and_change_nothing(env: Env):
                  ["s", "demo.noop", "--cron", "61 * * * *"], ["s", "demo.noop", "--every", "soon"],
                  ["s", "demo.noop", "--every", "1.5s"], [" ", "demo.noop", "--every", "1s"],
                  ["s", "demo.noop", "--every", "1s", "--overlap", "queue"],
-                 ["s", "demo.noop", "--every", "1s", "-p", "novalue"]):
+                 ["s", "demo.noop", "--every", "1s", "-p", "novalue"],
+                 ["s", "demo.noop", "--every", "1s", "--timeout", "0"]):
         result = env.cli("schedules", "add", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert json.loads(env.cli("schedules", "ls", "--json").stdout) == []
-    _add(env, "s", "demo.noop", "--cron", "0 3 * * *")
+    _add(env, "s", "demo.noop", "--cron", "0 3 * * *", "--timeout", "30", "--max-attempts", "2")
     again = env.cli("schedules", "add", "s", "demo.noop", "--every", "1s")
     assert again.returncode == 1 and "schedule 's' exists" in again.stderr
     for command in ("rm", "pause", "resume"):
         missing = env.cli("schedules", command, "nope")
         assert missing.returncode == 1 and "no schedule 'nope'" in missing.stderr
     [listed] = json.loads(env.cli("schedules", "ls", "--json").stdout)
-    assert (listed["cron"], listed["every_s"]) == ("0 3 * * *", None)
+    assert (listed["cron"], listed["every_s"], listed["timeout_s"], listed["max_attempts"]) \
+        == ("0 3 * * *", None, 30, 2)
     assert env.cli("schedules", "rm", "s").returncode == 0
     assert "no schedules" in env.cli("schedules", "ls").stdout

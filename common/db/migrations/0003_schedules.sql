@@ -5,6 +5,9 @@ CREATE TABLE schedules (
     name              text PRIMARY KEY,
     action            text NOT NULL,
     params            jsonb NOT NULL DEFAULT '{}',
+    -- For each firing's execution; NULL: the action's defaults, as for a submission.
+    max_attempts      integer CHECK (max_attempts > 0),
+    timeout_s         integer CHECK (timeout_s > 0),
     every_s           integer CHECK (every_s > 0),
     cron              text,
     -- When the previous firing's execution has not finished: skip this one, allow it,

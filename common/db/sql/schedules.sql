@@ -1,9 +1,11 @@
 -- Every query on schedules.
 
 -- name: insert
--- $1 name, $2 action, $3 params, $4 every_s, $5 cron, $6 overlap, $7 first fire time
-INSERT INTO schedules (name, action, params, every_s, cron, overlap, next_fire_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+-- $1 name, $2 action, $3 params, $4 every_s, $5 cron, $6 overlap, $7 first fire time,
+-- $8 max_attempts, $9 timeout_s
+INSERT INTO schedules (name, action, params, every_s, cron, overlap, next_fire_at,
+                       max_attempts, timeout_s)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (name) DO NOTHING
 RETURNING name;
 
