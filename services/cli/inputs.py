@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from common.cadence import check_cron
 from common.errors import InvalidInput
 
 
@@ -76,6 +77,19 @@ def parse_duration(text: str, option: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise InvalidInput(f"{option} {text!r}: expected a duration like 90s, 15m, 24h or 7d")
     return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def parse_cadence(every: str | None, cron: str | None) -> tuple[int | None, str | None]:
+    """A schedule's (every_s, cron) from --every or --cron, exactly one of them."""
+    if (every is None) == (cron is None):
+        raise InvalidInput("give --every or --cron (one of them)")
+    if cron is not None:
+        return None, check_cron(cron)
+    assert every is not None
+    seconds = parse_duration(every, "--every")
+    if seconds != int(seconds):
+        raise InvalidInput(f"--every {every!r}: give whole seconds")
+    return int(seconds), None
 
 
 def parse_runtimes(text: str, known: tuple[str, ...]) -> list[str]:

@@ -16,7 +16,7 @@ import typer
 from common import cadence
 from common.config import SubmitLimits
 from common.db import schedules, workers
-from common.errors import InvalidInput, VigilError
+from common.errors import VigilError
 from common.models import Overlap, Schedule
 from services.cli import inputs, output
 from services.cli.plumbing import (
@@ -33,22 +33,6 @@ schedules_app = typer.Typer(help="Run actions on an interval or a cron expressio
                             no_args_is_help=True)
 
 NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
-
-
-def _every_s(text: str) -> int:
-    seconds = inputs.parse_duration(text, "--every")
-    if seconds != int(seconds):
-        raise InvalidInput(f"--every {text!r}: give whole seconds")
-    return int(seconds)
-
-
-def _cadence(every: str | None, cron: str | None) -> tuple[int | None, str | None]:
-    if (every is None) == (cron is None):
-        raise InvalidInput("give --every or --cron (one of them)")
-    if every is not None:
-        return _every_s(every), None
-    assert cron is not None
-    return None, cadence.check_cron(cron)
 
 
 def _table(rows: list[Schedule]) -> None:
@@ -85,7 +69,7 @@ def add(
     action = parse_or_exit(inputs.parse_name, action, "action", limits.max_action_length)
     params = parse_or_exit(inputs.parse_params, param or [], params_json,
                            limits.max_params_bytes)
-    every_s, cron_expr = parse_or_exit(_cadence, every, cron)
+    every_s, cron_expr = parse_or_exit(inputs.parse_cadence, every, cron)
 
     @pooled
     async def body(pool: asyncpg.Pool) -> Schedule:

@@ -4,6 +4,7 @@ import pytest
 
 from common.errors import InvalidInput
 from services.cli.inputs import (
+    parse_cadence,
     parse_duration,
     parse_execution_id,
     parse_name,
@@ -70,3 +71,14 @@ def test_durations_in_seconds(text, seconds) -> None:
 def test_bad_durations_name_the_option(text) -> None:
     with pytest.raises(InvalidInput, match=f"--since {text!r}: expected a duration"):
         parse_duration(text, "--since")
+
+
+def test_a_schedule_takes_every_or_cron_not_both() -> None:
+    assert parse_cadence("90s", None) == (90, None)
+    assert parse_cadence(None, "*/5 * * * *") == (None, "*/5 * * * *")
+    for every, cron, message in [(None, None, "give --every or --cron"),
+                                 ("1s", "* * * * *", "give --every or --cron"),
+                                 ("1.5s", None, "whole seconds"),
+                                 (None, "61 * * * *", "--cron")]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_cadence(every, cron)
