@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
+from common.db.queries import Conn, load
 
-from common.db.queries import load
-
-Conn = asyncpg.Pool | asyncpg.Connection
 SQL = load("actions")
 
 

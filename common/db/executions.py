@@ -8,10 +8,9 @@ from typing import Any
 
 import asyncpg
 
-from common.db.queries import load
+from common.db.queries import Conn, load
 from common.models import DeadLetter, Execution, ExecutionStatus, HistoryEntry
 
-Conn = asyncpg.Pool | asyncpg.Connection
 SQL = load("executions")
 
 

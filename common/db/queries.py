@@ -6,7 +6,11 @@ import re
 from functools import cache
 from pathlib import Path
 
+import asyncpg
+
 SQL_DIR = Path(__file__).parent / "sql"
+# What the query functions run on: the pool, or a connection inside a transaction.
+Conn = asyncpg.Pool | asyncpg.Connection
 _NAME = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
 
 

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from common.db.queries import load
+from common.db.queries import Conn, load
 from common.models import Worker, WorkerStatus
 
-Conn = asyncpg.Pool | asyncpg.Connection
 SQL = load("workers")
 
 
