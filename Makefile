@@ -1,21 +1,21 @@
 # Vigil developer entry points (GNU make). `make` or `make help` lists the targets.
 #
-# Server settings live in one place: scripts/stack.sh. Targets that run Python export
-# its `scripts/stack.sh env` output (VIGIL_DB_*, VIGIL_AMQP_*, ...) first; override any
-# of them in the environment, e.g. `VIGIL_DB_PORT=55433 make test`.
+# The local servers (scripts/stack.py) and every Vigil process read their settings from
+# common/config.py and the same VIGIL_* environment variables; override any of them in
+# the environment, e.g. `VIGIL_DB_PORT=55442 make test`.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 MAKEFLAGS += --no-print-directory
 
-STACK := bash scripts/stack.sh
 VENV := .venv
 PY := $(VENV)/bin/python
+STACK := $(PY) -m scripts.stack
 PYTEST_ARGS ?=
 
-# Prefix for recipes that need the stack's connection settings in their environment.
-WITH_STACK_ENV = stack_env="$$($(STACK) env)" && eval "$$stack_env" &&
+# `make up` creates the venv first: without one, no local server was started.
+IF_VENV = if [ ! -x $(PY) ]; then echo "vigil: no $(VENV)/, so no local stack"; exit 0; fi;
 
 .PHONY: help install up down status env test demo bench drills docs lint clean
 
@@ -27,30 +27,32 @@ help: ## Show this help
 install: ## Install rabbitmq-server/postgres if missing, create .venv, pip install -e '.[dev]'
 	@bash scripts/install.sh
 
-up: install ## Start local Postgres + RabbitMQ, create Vigil's broker users (idempotent)
+up: install ## Start local Postgres + RabbitMQ, create broker users, migrate (idempotent)
 	@$(STACK) up
-	@$(WITH_STACK_ENV) $(VENV)/bin/vigil broker setup
+	@$(VENV)/bin/vigil broker setup
+	@$(VENV)/bin/vigil db migrate
 
 down: ## Stop the local servers (data is kept)
-	@$(STACK) down
+	@$(IF_VENV) $(STACK) down
 
 status: ## One line per local server
-	@$(STACK) status || true
+	@$(IF_VENV) $(STACK) status || true
 
-env: ## Print the stack's connection settings as export lines
+env: install ## Print the stack's connection settings as export lines
 	@$(STACK) env
 
 test: up ## Run the whole test suite (unit, integration, drills) against the local stack
-	@$(WITH_STACK_ENV) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: up ## Run the demo (python -m bench.demo) against the local stack
-	@$(WITH_STACK_ENV) $(PY) -m bench.demo
+	@$(PY) -m bench.demo
 
-bench: up ## Run the benchmarks (python -m bench.run) against the local stack
-	@$(WITH_STACK_ENV) $(PY) -m bench.run
+bench: up ## Run the benchmarks (python -m bench.run) on the local stack + bench-postgres
+	@$(STACK) up bench-postgres
+	@$(PY) -m bench.run
 
 drills: up ## Run the failure drills (tests/drills) against the local stack
-	@$(WITH_STACK_ENV) $(VENV)/bin/pytest -q tests/drills -p no:cacheprovider -s $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -q tests/drills -p no:cacheprovider -s $(PYTEST_ARGS)
 
 docs: install ## Regenerate docs/configuration.md from the settings classes
 	@$(VENV)/bin/vigil config docs > docs/configuration.md
@@ -59,4 +61,4 @@ lint: install ## ruff check .
 	@$(VENV)/bin/ruff check .
 
 clean: ## Stop the servers and delete all local stack data (.vigil/)
-	@$(STACK) clean
+	@$(IF_VENV) $(STACK) clean

@@ -2,7 +2,7 @@
 # Install what the local Vigil stack needs. Idempotent; quiet on success, loud on failure.
 #
 #   * rabbitmq-server (Debian package) if /usr/lib/rabbitmq/bin/rabbitmq-server is missing;
-#     the package's own service is kept from starting/running (scripts/stack.sh runs our node)
+#     the package's own service is kept from starting/running (scripts/stack.py runs our node)
 #   * PostgreSQL server binaries if /usr/lib/postgresql/*/bin/initdb is missing
 #   * prometheus (Debian package: the `prometheus` and `promtool` binaries, used by
 #     tests/integration/test_compose.py and test_prometheus.py) if either is missing; the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 
 from tests.drills.conftest import DrillResult
@@ -19,7 +20,7 @@ def restart(server: str) -> float:
     """Stop and start one local server; return how long it was down."""
     began = time.monotonic()
     for step in ("down", "up"):
-        subprocess.run(["bash", str(REPO / "scripts" / "stack.sh"), step, server],
+        subprocess.run([sys.executable, "-m", "scripts.stack", step, server], cwd=REPO,
                        check=True, capture_output=True, timeout=120)
     return time.monotonic() - began
 
