@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.db import executions
-from common.models import TERMINAL, ExecutionStatus
+from common.client import AsyncClient
+from common.state_machine import TERMINAL, ExecutionStatus
+from common.submission import Submission
 from tests.harness import Env, local_env
 
 LOGS = Path(__file__).resolve().parent.parent / ".vigil" / "demo"
@@ -75,12 +76,10 @@ async def run(env: Env) -> int:
 
     await poll(ours, 30, "two workers to register")
     began = time.monotonic()
-    ids = []
-    for action, params, max_attempts in workload():
-        s = await executions.insert(env.pool, action=action, params=params,
-                                    max_attempts=max_attempts, timeout_s=300,
-                                    idempotency_key=None, actor="demo")
-        ids.append(s.id)
+    submitted = await AsyncClient(env.pool, actor="demo").submit_many([
+        Submission(action, params, max_attempts=max_attempts, timeout_s=300)
+        for action, params, max_attempts in workload()])
+    ids = [s.id for s in submitted]
     print(f"submitted {len(ids)} executions (shell and python, 40 failing on purpose)")
 
     async def half_done() -> bool:

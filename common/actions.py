@@ -1,12 +1,13 @@
 """Python actions, registered by name with the @action decorator.
 
-    from services.worker.registry import Context, action
+    from common.api import Context, action
 
     @action("demo.add")
     def add(ctx: Context) -> dict:
         return {"sum": ctx.params["a"] + ctx.params["b"]}
 
-This module is imported by the child process too, so it stays dependency-free.
+The worker's child processes import this module too, so it stays light: no database,
+no broker.
 """
 
 from __future__ import annotations
@@ -16,23 +17,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-ActionFn = Callable[["Context"], Any]
+from common.state_machine import DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S
 
-DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_TIMEOUT_S = 3600
+ActionFn = Callable[["Context"], Any]
 
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """An action and the defaults a submission of it gets unless it says otherwise."""
+    """An action and what its executions get unless a submission says otherwise."""
 
     name: str
     fn: ActionFn | None  # None for built-ins run by another runtime (shell)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout_s: int = DEFAULT_TIMEOUT_S
+    # The most memory one attempt may use; None: the worker's default.
+    memory_limit_mb: int | None = None
+    # A resumable action's retries must receive the checkpoint an earlier attempt saved:
+    # one that would silently start over instead fails loudly (seed 004).
+    resumable: bool = False
 
 
 _REGISTRY: dict[str, ActionSpec] = {}
+
+
+class CheckpointTooLarge(ValueError):
+    """A checkpoint over the worker's size limit; the attempt fails, not retried."""
 
 
 @dataclass
@@ -50,24 +59,31 @@ class Context:
         return self.checkpoint is not None
 
     def save_checkpoint(self, data: Any) -> None:
-        """Record progress; a retried attempt receives it as ctx.checkpoint."""
+        """Record progress; a retried attempt receives it as ctx.checkpoint. Raises
+        CheckpointTooLarge above the worker's checkpoint size limit."""
+        if data is None:
+            raise ValueError("a checkpoint cannot be None: save what a retry resumes from")
         self._save(data)
 
 
 def action(
-    name: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, timeout_s: int = DEFAULT_TIMEOUT_S
+    name: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, timeout_s: int = DEFAULT_TIMEOUT_S,
+    memory_limit_mb: int | None = None, resumable: bool = False,
 ) -> Callable[[ActionFn], ActionFn]:
     """Register a python action; its defaults apply to submissions that don't set them."""
     if not name or len(name) > 200:
         raise ValueError(f"action name must be 1..200 characters: {name!r}")
-    if max_attempts < 1 or timeout_s < 1:
-        raise ValueError(f"action {name!r}: max_attempts and timeout_s must be positive")
+    if max_attempts < 1 or timeout_s < 1 or (memory_limit_mb is not None
+                                             and memory_limit_mb < 1):
+        raise ValueError(
+            f"action {name!r}: max_attempts, timeout_s and memory_limit_mb must be positive")
 
     def register(fn: ActionFn) -> ActionFn:
         existing = _REGISTRY.get(name)
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"action {name!r} is registered twice")
-        _REGISTRY[name] = ActionSpec(name, fn, max_attempts, timeout_s)
+        _REGISTRY[name] = ActionSpec(name, fn, max_attempts, timeout_s, memory_limit_mb,
+                                     resumable)
         return fn
 
     return register
@@ -80,6 +96,5 @@ def load(modules: list[str]) -> dict[str, ActionSpec]:
     return dict(_REGISTRY)
 
 
-def lookup(name: str) -> ActionFn | None:
-    spec = _REGISTRY.get(name)
-    return spec.fn if spec else None
+def lookup(name: str) -> ActionSpec | None:
+    return _REGISTRY.get(name)

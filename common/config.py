@@ -84,7 +84,11 @@ class BrokerSettings(BaseSettings):
                                       description="Password of the administrator.")
     management_port: int = Field(15672, ge=1, le=65535,
                                  description="Management HTTP API port (set-up only).")
-    heartbeat_s: int = Field(10, ge=5, le=20, description="AMQP heartbeat.")
+    heartbeat_s: int = Field(10, ge=5, le=20, description="AMQP heartbeat of executors.")
+    worker_heartbeat_s: int = Field(
+        3, ge=1, le=20, description="AMQP heartbeat of workers: the broker closes the "
+                                    "connection of a worker silent for about twice this "
+                                    "(frozen, cut off), and the executor sees it LOST.")
     connect_timeout_s: float = Field(5.0, gt=0, le=120,
                                      description="Give up connecting after this long.")
     publish_timeout_s: float = Field(
@@ -101,11 +105,12 @@ class BrokerSettings(BaseSettings):
     def url(self, role: BrokerRole, connection_name: str, vhost: str | None = None) -> str:
         # The name shows in the management UI and in the broker's connection events.
         login = self.login(role)
+        heartbeat = self.worker_heartbeat_s if role is BrokerRole.WORKER else self.heartbeat_s
         return (
             f"amqp://{quote(login.user, safe='')}:"
             f"{quote(login.password.get_secret_value(), safe='')}"
             f"@{self.host}:{self.port}/{quote(vhost or self.vhost, safe='')}"
-            f"?heartbeat={self.heartbeat_s}&name={quote(connection_name, safe='')}"
+            f"?heartbeat={heartbeat}&name={quote(connection_name, safe='')}"
         )
 
 
@@ -126,6 +131,23 @@ class WorkerSettings(BaseSettings):
                                          "finish before they are killed and retried.")
     output_tail_bytes: int = Field(4096, ge=0, le=1_048_576,
                                    description="How much of stdout/stderr is kept.")
+    child_max_attempts: int = Field(
+        10_000, ge=1, le=10_000_000,
+        description="A pooled python child is replaced after this many attempts.")
+    child_max_rss_mb: int | None = Field(
+        512, ge=16, le=1_048_576,
+        description="A pooled python child whose memory has grown past this after an "
+                    "attempt is replaced (a leak stays bounded); unset: never.")
+    attempt_memory_limit_mb: int | None = Field(
+        None, ge=16, le=1_048_576,
+        description="The most memory one attempt may use, unless its action declares "
+                    "its own; over it the attempt is killed. Unset: no limit.")
+    checkpoint_limit_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576,
+                                        description="Largest checkpoint an action may save.")
+    memory_budget_mb: int | None = Field(
+        None, ge=16, le=1_048_576,
+        description="Where no cgroup limit applies: the memory this worker and its "
+                    "children may use, for the memory gate. Unset: the machine's memory.")
     ownership_check_interval_s: float = Field(
         1.0, gt=0, le=60, description="How often the worker checks it still owns its "
                                       "attempts (cancel, timeout) and samples memory.")
@@ -194,6 +216,10 @@ class SubmitLimits(BaseSettings):
                                   description="Largest params JSON accepted.")
     max_action_length: int = Field(200, ge=1, le=1000,
                                    description="Longest action name accepted.")
+    max_params_depth: int = Field(64, ge=1, le=1000,
+                                  description="Deepest nesting of params accepted.")
+    max_idempotency_key_length: int = Field(256, ge=1, le=2000,
+                                            description="Longest idempotency key accepted.")
 
 
 ALL_SETTINGS: tuple[type[BaseSettings], ...] = (

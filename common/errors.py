@@ -43,3 +43,26 @@ def describe(cause: BaseException | str) -> str:
         return cause
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+class NotFound(VigilError):
+    """No execution (or schedule) by that id or name."""
+
+
+class ExecutionFailed(VigilError):
+    """An execution whose result was asked for ended without succeeding."""
+
+    def __init__(self, execution_id: object, status: str, reason: str | None,
+                 error: object) -> None:
+        message = error.get("message") if isinstance(error, dict) else None
+        super().__init__(f"execution {execution_id} ended {status}"
+                         + (f" ({reason})" if reason else "")
+                         + (f": {message}" if message else ""))
+        self.execution_id = execution_id
+        self.status = status
+        self.reason = reason
+        self.error = error
+
+
+class WaitTimedOut(VigilError):
+    """An execution had not ended when the caller stopped waiting for it."""

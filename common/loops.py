@@ -42,12 +42,13 @@ async def run_loop(
     name: str,
     body: Callable[[], Awaitable[None]],
     *,
-    interval_s: float,
+    interval_s: float | Callable[[], float],
     stop: asyncio.Event,
     wake: asyncio.Event | None = None,
     max_backoff_s: float = 10.0,
 ) -> None:
-    """Call body every interval_s (or as soon as `wake` is set) until `stop` is set."""
+    """Call body every interval_s (or as soon as `wake` is set) until `stop` is set;
+    interval_s may be a function, asked after each iteration."""
     failures = 0
     errors = RateLimitedLog(log, interval_s=30.0)
     while not stop.is_set():
@@ -68,7 +69,7 @@ async def run_loop(
         failures = 0
         LOOP_DURATION.labels(name).observe(time.monotonic() - started)
         loop_completed(name)
-        await _wait(stop, wake, interval_s)
+        await _wait(stop, wake, interval_s() if callable(interval_s) else interval_s)
 
 
 async def _wait(stop: asyncio.Event, wake: asyncio.Event | None, timeout_s: float) -> None:

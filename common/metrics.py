@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from common.state_machine import Moved
 
 TRANSITIONS = Counter(
     "vigil_transitions_total",
@@ -80,6 +82,30 @@ WORKER_MEMORY = Gauge("vigil_worker_memory_bytes", "Container memory in use (cgr
 WORKER_PRESSURE = Gauge(
     "vigil_worker_memory_pressure", "1 while the worker refuses work for lack of memory."
 )
+POOL_CHILDREN_REPLACED = Counter(
+    "vigil_worker_children_replaced_total",
+    "Pooled python children replaced: died, killed (cancelled, timed out, over their "
+    "memory limit) or recycled (attempts or memory).", ["why"],
+)
+BATCH_SIZE = Histogram(
+    "vigil_write_batch_size", "Items per grouped database write.", ["write"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+
+
+
+def count_moves(operation: str, moves: Iterable[Moved], attempted: int | None = None) -> int:
+    """Count what one query moved in vigil_transitions_total; when it was asked to move
+    `attempted` executions, count the ones it did not move (someone else had) as fenced
+    writes of `operation`. Returns how many moved."""
+    moved = 0
+    for m in moves:
+        TRANSITIONS.labels(m.from_status or "", m.to_status, m.reason).inc(m.n)
+        moved += m.n
+    if attempted is not None and attempted > moved:
+        FENCED_WRITES.labels(operation).inc(attempted - moved)
+    return moved
+
 
 HealthCheck = Callable[[], tuple[bool, dict]]
 

@@ -1,4 +1,5 @@
-"""The shapes Vigil's processes share: states, records and the dispatch message."""
+"""The records Vigil's processes share, and the dispatch message. The execution states
+and their vocabulary live in common/state_machine.py."""
 
 from __future__ import annotations
 
@@ -9,29 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class ExecutionStatus(StrEnum):
-    REQUESTED = "REQUESTED"
-    SCHEDULED = "SCHEDULED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    TIMED_OUT = "TIMED_OUT"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset(
-    {
-        ExecutionStatus.SUCCEEDED,
-        ExecutionStatus.FAILED,
-        ExecutionStatus.TIMED_OUT,
-        ExecutionStatus.CANCELLED,
-    }
-)
+from common.state_machine import ExecutionStatus
 
 
 class WorkerStatus(StrEnum):
@@ -80,6 +59,8 @@ class Execution(BaseModel):
     error: Any
     reason: str | None
     checkpoint: Any
+    checkpoint_attempt: int | None
+    killed_attempts: int
 
 
 class HistoryEntry(BaseModel):
@@ -95,6 +76,7 @@ class HistoryEntry(BaseModel):
     actor: str
     worker_id: str | None
     error: Any
+    usage: dict[str, float] | None
     at: datetime
 
 

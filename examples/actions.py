@@ -7,7 +7,7 @@ import signal
 import time
 from typing import Any
 
-from services.worker.registry import Context, action
+from common.api import Context, action
 
 
 @action("demo.noop")
@@ -70,3 +70,18 @@ def record(ctx: Context) -> dict[str, Any]:
         f.write(str(os.getpid()))
     time.sleep(float(ctx.params.get("seconds", 0)))
     return {"pid": os.getpid()}
+
+
+@action("demo.hog")
+def hog(ctx: Context) -> None:
+    """Allocates (and touches) memory 1 MiB at a time, up to params["mib"], as a leaky or
+    runaway job would; under a memory limit it never gets there."""
+    held = []
+    for _ in range(int(ctx.params.get("mib", 1 << 20))):
+        held.append(b"\x01" * (1 << 20))
+
+
+@action("demo.big_checkpoint")
+def big_checkpoint(ctx: Context) -> None:
+    """Saves a checkpoint of params["bytes"] bytes."""
+    ctx.save_checkpoint("x" * int(ctx.params["bytes"]))

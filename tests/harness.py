@@ -1,6 +1,6 @@
 """Test harness: one database and one vhost per test, and real service processes.
 
-The servers are the ones `make up` started (scripts/stack.sh); each test gets its own
+The servers are the ones `make up` started (scripts/stack.py); each test gets its own
 database, cloned from a migrated template, and its own RabbitMQ vhost, so tests never
 see each other's rows or queues.
 """
@@ -25,10 +25,13 @@ from typing import Any
 import asyncpg
 
 from common import broker, broker_access, db
+from common.client import AsyncClient
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings
-from common.db import executions, workers
+from common.db import workers
 from common.errors import BrokerRefused
-from common.models import TERMINAL, ExecutionStatus, WorkerStatus
+from common.models import WorkerStatus
+from common.state_machine import TERMINAL, ExecutionStatus
+from common.submission import Submission
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE_DB = "vigil_template"
@@ -174,13 +177,15 @@ class Env:
         login = self.broker.login(role)
         return {"USER": login.user, "PASSWORD": login.password.get_secret_value()}
 
-    def start(self, *args: str, name: str | None = None, **env: str) -> Proc:
-        """Start `vigil ARGS...` as a real process with this test's settings."""
+    def start(self, *args: str, name: str | None = None, module: str = "services.cli",
+              **env: str) -> Proc:
+        """Start `vigil ARGS...` (or another module) as a real process with this test's
+        settings."""
         label = name or f"{args[0]}-{len(self.procs)}"
         log_path = self.tmp / f"{label}.log"
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", *args],
+                [sys.executable, "-m", module, *args],
                 env=self.environ(**env), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=REPO,
             )
@@ -218,17 +223,16 @@ class Env:
 
         return await wait_until(check, timeout=timeout, what=f"{n} active workers")
 
-    async def submit(self, action: str, params: Any = None, n: int = 1, **kw: Any) -> list:
+    @property
+    def client(self) -> AsyncClient:
         assert self.pool is not None
-        ids = []
-        for _ in range(n):
-            s = await executions.insert(
-                self.pool, action=action, params=params or {},
-                max_attempts=kw.get("max_attempts"), timeout_s=kw.get("timeout_s"),
-                idempotency_key=kw.get("idempotency_key"), actor="test",
-            )
-            ids.append(s.id)
-        return ids
+        return AsyncClient(self.pool, actor="test")
+
+    async def submit(self, action: str, params: Any = None, n: int = 1, **kw: Any) -> list:
+        """Submit n executions of one action in one transaction; return their ids."""
+        submitted = await self.client.submit_many(
+            [Submission(action, params or {}, **kw) for _ in range(n)])
+        return [s.id for s in submitted]
 
     async def all_terminal(self, ids: list, timeout: float) -> dict[ExecutionStatus, int]:
         """Wait for every execution to end; return the count of each final state."""

@@ -17,5 +17,6 @@ class ActionDefaults:
 
 
 async def upsert(conn: Conn, actions: list[ActionDefaults]) -> None:
-    await conn.execute(SQL["upsert"], [a.name for a in actions],
-                       [a.max_attempts for a in actions], [a.timeout_s for a in actions])
+    await SQL["upsert"].execute(conn, names=[a.name for a in actions],
+                                max_attempts=[a.max_attempts for a in actions],
+                                timeouts_s=[a.timeout_s for a in actions])

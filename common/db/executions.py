@@ -1,15 +1,32 @@
-"""Queries on executions and their history (SQL in sql/executions.sql)."""
+"""Queries on executions and their history (SQL in sql/executions.sql).
+
+Every function that moves executions returns what it moved as `Moved` rows (from, to,
+reason, n), which callers hand to common.metrics.count_moves.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from common.db.queries import Conn, load
-from common.models import DeadLetter, Execution, ExecutionStatus, HistoryEntry
+from common.models import DeadLetter, Execution, HistoryEntry
+from common.state_machine import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    KILLED,
+    NOT_COUNTED,
+    AttemptError,
+    ErrorKind,
+    ExecutionStatus,
+    Moved,
+    Reason,
+)
+from common.submission import Submission
 
 SQL = load("executions")
 
@@ -29,7 +46,9 @@ class Claimed:
 
 
 @dataclass(frozen=True)
-class Scheduled:
+class Dispatch:
+    """One delivery of one attempt to one worker: the fencing token of SCHEDULED."""
+
     id: uuid.UUID
     attempt: int
     dispatch: int
@@ -42,136 +61,172 @@ class Started:
     action: str
     params: Any
     attempt: int
+    dispatch: int
     timeout_s: int
     checkpoint: Any
+    checkpoint_attempt: int | None
 
 
-async def insert(
-    conn: Conn,
-    *,
-    action: str,
-    params: Any,
-    max_attempts: int | None,
-    timeout_s: int | None,
-    idempotency_key: str | None,
-    actor: str,
-) -> Submitted:
-    """Insert a REQUESTED execution (unset limits take the action's defaults); with an
-    idempotency key already used, return that execution instead."""
-    row = await conn.fetchrow(
-        SQL["insert"], action, params, max_attempts, timeout_s, idempotency_key, actor
+@dataclass(frozen=True)
+class Ended:
+    """How one attempt ended on its worker."""
+
+    id: uuid.UUID
+    attempt: int
+    dispatch: int
+    outcome: ExecutionStatus  # SUCCEEDED or FAILED
+    result: Any = None
+    error: AttemptError | None = None
+    retry_delay_s: float | None = None  # the backoff, if it is retried
+    usage: dict[str, float] | None = None  # peak_rss_bytes, cpu_s, wall_s
+
+    @property
+    def reason(self) -> str:
+        return Reason.SUCCEEDED if self.error is None else self.error.kind
+
+    @property
+    def retryable(self) -> bool:
+        return self.error is not None and self.error.retryable
+
+    @property
+    def killed(self) -> bool:
+        return self.error is not None and self.error.kind in KILLED
+
+
+def _moves(rows: list[asyncpg.Record]) -> list[Moved]:
+    return [Moved(ExecutionStatus(r["from_status"]) if r["from_status"] else None,
+                  ExecutionStatus(r["to_status"]), r["reason"], r["n"]) for r in rows]
+
+
+# ---- submitting and reading -------------------------------------------------------------
+
+async def insert(conn: Conn, submissions: Sequence[Submission], actor: str) -> list[Submitted]:
+    """Create REQUESTED executions in one statement, in order; a submission whose
+    idempotency key is taken gets that execution instead (created False)."""
+    rows = await SQL["insert"].fetch(
+        conn,
+        actions=[s.action for s in submissions], params=[s.params for s in submissions],
+        max_attempts=[s.max_attempts for s in submissions],
+        timeouts_s=[s.timeout_s for s in submissions],
+        keys=[s.idempotency_key for s in submissions],
+        delays_s=[s.delay_s for s in submissions], at=[s.at for s in submissions],
+        default_max_attempts=DEFAULT_MAX_ATTEMPTS, default_timeout_s=DEFAULT_TIMEOUT_S,
+        reason=Reason.SUBMITTED, actor=actor,
     )
-    assert row is not None
-    return Submitted(id=row["id"], created=row["created"])
+    racing = [r["key"] for r in rows if r["id"] is None]
+    # A key another submission committed while this statement ran: visible now.
+    found = {r["key"]: r["id"] for r in await SQL["by_keys"].fetch(conn, keys=racing)} \
+        if racing else {}
+    return [Submitted(r["id"] or found[r["key"]], r["created"]) for r in rows]
 
 
 async def get(conn: Conn, execution_id: uuid.UUID) -> Execution | None:
-    row = await conn.fetchrow(SQL["get"], execution_id)
+    row = await SQL["get"].fetchrow(conn, id=execution_id)
     return Execution.model_validate(dict(row)) if row else None
 
 
 async def history(conn: Conn, execution_id: uuid.UUID) -> list[HistoryEntry]:
-    rows = await conn.fetch(SQL["history"], execution_id)
+    rows = await SQL["history"].fetch(conn, id=execution_id)
     return [HistoryEntry.model_validate(dict(r)) for r in rows]
 
 
 async def list_recent(
-    conn: Conn, *, status: ExecutionStatus | None, action: str | None, limit: int
+    conn: Conn, *, status: ExecutionStatus | None, action: str | None, limit: int,
+    reason: str | None = None,
 ) -> list[Execution]:
-    rows = await conn.fetch(SQL["list"], status, action, limit)
+    rows = await SQL["list"].fetch(conn, status=status, action=action, reason=reason,
+                                   limit=limit)
     return [Execution.model_validate(dict(r)) for r in rows]
 
 
 async def count_by_status(conn: Conn) -> dict[ExecutionStatus, int]:
-    return {ExecutionStatus(r["status"]): r["n"] for r in await conn.fetch(SQL["count_by_status"])}
+    return {ExecutionStatus(r["status"]): r["n"]
+            for r in await SQL["count_by_status"].fetch(conn)}
 
+
+# ---- dispatch ---------------------------------------------------------------------------
 
 async def claim_due(conn: asyncpg.Connection, wanted: dict[str, int]) -> list[Claimed]:
     """Lock due REQUESTED executions, at most wanted[action] of each action."""
     if not wanted:
         return []
-    rows = await conn.fetch(SQL["claim_due"], list(wanted), list(wanted.values()))
+    rows = await SQL["claim_due"].fetch(conn, actions=list(wanted), limits=list(wanted.values()))
     return [Claimed(**dict(r)) for r in rows]
 
 
-def _scheduled(rows: list[asyncpg.Record]) -> list[Scheduled]:
-    return [Scheduled(id=r["id"], attempt=r["attempt"], dispatch=r["dispatches"],
-                      worker_id=r["worker_id"]) for r in rows]
+async def next_due_in(conn: Conn, actions: list[str]) -> float | None:
+    """Seconds until the next not-yet-due REQUESTED execution of these actions is due."""
+    if not actions:
+        return None
+    return await SQL["next_due"].fetchval(conn, actions=actions)
 
 
 async def mark_scheduled(
     conn: asyncpg.Connection, assignments: list[tuple[Claimed, str]], actor: str
-) -> list[Scheduled]:
-    rows = await conn.fetch(
-        SQL["mark_scheduled"],
-        [c.id for c, _ in assignments],
-        [c.attempt for c, _ in assignments],
-        [w for _, w in assignments],
-        actor,
+) -> list[Dispatch]:
+    rows = await SQL["mark_scheduled"].fetch(
+        conn, ids=[c.id for c, _ in assignments], attempts=[c.attempt for c, _ in assignments],
+        worker_ids=[w for _, w in assignments], reason=Reason.DISPATCHED, actor=actor,
     )
-    return _scheduled(rows)
+    return [Dispatch(**dict(r)) for r in rows]
 
 
-async def committed_dispatches(conn: Conn, dispatches: list[Scheduled]) -> list[Scheduled]:
+def _tokens(dispatches: Sequence[Dispatch]) -> dict[str, list[Any]]:
+    return {"ids": [d.id for d in dispatches], "attempts": [d.attempt for d in dispatches],
+            "dispatches": [d.dispatch for d in dispatches],
+            "worker_ids": [d.worker_id for d in dispatches]}
+
+
+async def committed_dispatches(conn: Conn, dispatches: list[Dispatch]) -> list[Dispatch]:
     """Those of these dispatches that are SCHEDULED with exactly this token."""
-    rows = await conn.fetch(
-        SQL["committed_dispatches"], [d.id for d in dispatches],
-        [d.attempt for d in dispatches], [d.dispatch for d in dispatches],
-        [d.worker_id for d in dispatches],
+    rows = await SQL["committed_dispatches"].fetch(conn, **_tokens(dispatches))
+    return [Dispatch(**dict(r)) for r in rows]
+
+
+async def release_dispatches(
+    conn: Conn, dispatches: Sequence[Dispatch], *, reason: Reason, actor: str,
+    max_dispatches: int | None = None,
+) -> list[Moved]:
+    """Put never-started dispatches back to REQUESTED (or FAILED past max_dispatches,
+    needed unless the reason is one that does not count); those whose token no longer
+    matches are left alone (not in the result)."""
+    counted = reason not in NOT_COUNTED
+    if counted and max_dispatches is None:
+        raise ValueError(f"releasing for {reason} counts against max_dispatches: give it")
+    rows = await SQL["release_dispatches"].fetch(
+        conn, **_tokens(dispatches), counted=counted, max_dispatches=max_dispatches,
+        exhausted=ErrorKind.MAX_DISPATCHES, reason=reason, actor=actor,
     )
-    return _scheduled(rows)
+    return _moves(rows)
 
 
-async def release_scheduled(
-    conn: Conn,
-    *,
-    execution_id: uuid.UUID,
-    attempt: int,
-    dispatch: int,
-    worker_id: str,
-    reason: str,
-    actor: str,
-    max_dispatches: int,
-    publish_failed: bool = False,
-) -> ExecutionStatus | None:
-    """Put a never-started dispatch back to REQUESTED (or FAILED past max_dispatches).
+# ---- the worker's side ------------------------------------------------------------------
 
-    Returns the new status, or None when the token no longer matches.
-    """
-    row = await conn.fetchrow(
-        SQL["release_scheduled"],
-        execution_id, attempt, dispatch, worker_id, reason, actor, max_dispatches,
-        publish_failed,
+async def start(conn: Conn, dispatches: Sequence[Dispatch], worker_id: str) -> list[Started]:
+    """SCHEDULED -> RUNNING for the dispatches this worker received; those it may not
+    start (stale tokens) are missing from the result."""
+    tokens = _tokens(dispatches)
+    del tokens["worker_ids"]
+    rows = await SQL["start"].fetch(conn, **tokens, worker_id=worker_id, reason=Reason.STARTED)
+    return [Started(**dict(r)) for r in rows]
+
+
+async def end_attempts(
+    conn: Conn, ended: Sequence[Ended], worker_id: str
+) -> dict[uuid.UUID, Moved]:
+    """Record how attempts ended, each fenced by its token; what each moved to, by id
+    (an attempt no longer this worker's is missing)."""
+    rows = await SQL["end_attempts"].fetch(
+        conn, ids=[e.id for e in ended], attempts=[e.attempt for e in ended],
+        dispatches=[e.dispatch for e in ended], outcomes=[e.outcome for e in ended],
+        reasons=[e.reason for e in ended], retryable=[e.retryable for e in ended],
+        killed=[e.killed for e in ended], retry_delays_s=[e.retry_delay_s for e in ended],
+        results=[e.result for e in ended],
+        errors=[e.error.as_json() if e.error else None for e in ended],
+        usages=[e.usage for e in ended], worker_id=worker_id,
     )
-    return ExecutionStatus(row["status"]) if row else None
-
-
-async def start(
-    conn: Conn, *, execution_id: uuid.UUID, attempt: int, dispatch: int, worker_id: str
-) -> Started | None:
-    row = await conn.fetchrow(SQL["start"], execution_id, attempt, dispatch, worker_id)
-    return Started(**dict(row)) if row else None
-
-
-async def finish(
-    conn: Conn,
-    *,
-    execution_id: uuid.UUID,
-    attempt: int,
-    dispatch: int,
-    worker_id: str,
-    status: ExecutionStatus,
-    retry_delay_s: float | None,
-    result: Any,
-    error: Any,
-    reason: str,
-) -> ExecutionStatus | None:
-    """Record an attempt's outcome; None when the attempt is no longer this worker's."""
-    row = await conn.fetchrow(
-        SQL["finish"],
-        execution_id, attempt, worker_id, status, retry_delay_s, result, error, reason, dispatch,
-    )
-    return ExecutionStatus(row["status"]) if row else None
+    return {r["id"]: Moved(ExecutionStatus.RUNNING, ExecutionStatus(r["to_status"]),
+                           r["reason"]) for r in rows}
 
 
 async def running_not_owned(
@@ -179,78 +234,95 @@ async def running_not_owned(
 ) -> set[uuid.UUID]:
     if not attempts:
         return set()
-    rows = await conn.fetch(
-        SQL["running_not_owned"], list(attempts), list(attempts.values()), worker_id
-    )
+    rows = await SQL["running_not_owned"].fetch(
+        conn, ids=list(attempts), attempts=list(attempts.values()), worker_id=worker_id)
     return {r["id"] for r in rows}
 
 
 async def running_unknown(
     conn: Conn, worker_id: str, known: list[uuid.UUID]
-) -> list[tuple[uuid.UUID, int, int]]:
-    """(id, attempt, dispatch) of attempts RUNNING on this worker that it doesn't know."""
-    rows = await conn.fetch(SQL["running_unknown"], worker_id, known)
-    return [(r["id"], r["attempt"], r["dispatch"]) for r in rows]
+) -> list[Dispatch]:
+    """Attempts RUNNING on this worker by the database's books that it doesn't know."""
+    rows = await SQL["running_unknown"].fetch(conn, worker_id=worker_id, known=known)
+    return [Dispatch(worker_id=worker_id, **dict(r)) for r in rows]
 
 
 async def save_checkpoint(
     conn: Conn, *, execution_id: uuid.UUID, attempt: int, worker_id: str, checkpoint: Any
 ) -> bool:
-    return await conn.fetchval(
-        SQL["save_checkpoint"], execution_id, attempt, worker_id, checkpoint
+    return await SQL["save_checkpoint"].fetchval(
+        conn, id=execution_id, attempt=attempt, worker_id=worker_id, checkpoint=checkpoint,
     ) is not None
 
+
+# ---- the timeout monitor ----------------------------------------------------------------
 
 async def release_stuck_scheduled(
     conn: Conn, *, schedule_to_start_s: float, stale_after_s: float, max_dispatches: int,
     batch: int, actor: str,
-) -> list[tuple[ExecutionStatus, str, int]]:
-    rows = await conn.fetch(SQL["release_stuck_scheduled"], schedule_to_start_s,
-                            stale_after_s, max_dispatches, batch, actor)
-    return [(ExecutionStatus(r["status"]), r["why"], r["n"]) for r in rows]
+) -> list[Moved]:
+    return _moves(await SQL["release_stuck_scheduled"].fetch(
+        conn, schedule_to_start_s=schedule_to_start_s, stale_after_s=stale_after_s,
+        max_dispatches=max_dispatches, exhausted=ErrorKind.SCHEDULE_TIMEOUT, batch=batch,
+        actor=actor))
 
 
 async def recover_lost_running(
     conn: Conn, *, stale_after_s: float, retry_delay_s: float, batch: int, actor: str
-) -> list[tuple[ExecutionStatus, str, int]]:
-    rows = await conn.fetch(SQL["recover_lost_running"], stale_after_s, retry_delay_s,
-                            batch, actor)
-    return [(ExecutionStatus(r["status"]), r["why"], r["n"]) for r in rows]
+) -> list[Moved]:
+    return _moves(await SQL["recover_lost_running"].fetch(
+        conn, stale_after_s=stale_after_s, retry_delay_s=retry_delay_s, batch=batch,
+        kind=ErrorKind.WORKER_LOST, actor=actor))
 
 
-async def time_out_running(conn: Conn, *, batch: int, actor: str) -> int:
-    return await conn.fetchval(SQL["time_out_running"], batch, actor)
+async def time_out_running(conn: Conn, *, batch: int, actor: str) -> list[Moved]:
+    return _moves(await SQL["time_out_running"].fetch(
+        conn, batch=batch, reason=Reason.START_TO_CLOSE_TIMEOUT, kind=ErrorKind.TIMEOUT,
+        actor=actor))
 
 
-async def fail_unassignable(conn: Conn, *, queue_timeout_s: float, batch: int, actor: str) -> int:
-    return await conn.fetchval(SQL["fail_unassignable"], queue_timeout_s, batch, actor)
+async def fail_unassignable(
+    conn: Conn, *, queue_timeout_s: float, batch: int, actor: str
+) -> list[Moved]:
+    return _moves(await SQL["fail_unassignable"].fetch(
+        conn, queue_timeout_s=queue_timeout_s, batch=batch, reason=Reason.NO_WORKER,
+        kind=ErrorKind.NO_WORKER, actor=actor))
 
 
-async def cancel(conn: Conn, execution_id: uuid.UUID, actor: str) -> ExecutionStatus | None:
-    """Cancel a non-terminal execution; return the state it was in, or None."""
-    from_status = await conn.fetchval(SQL["cancel"], execution_id, actor)
-    return ExecutionStatus(from_status) if from_status else None
+# ---- operators --------------------------------------------------------------------------
 
-
-# Why an execution FAILED when its last delivery was dead-lettered (release_scheduled).
-DEAD_LETTERED = "max_dispatches"
+async def cancel(conn: Conn, execution_id: uuid.UUID, actor: str) -> Moved | None:
+    """Cancel a non-terminal execution; None if it had already finished (or is unknown)."""
+    from_status = await SQL["cancel"].fetchval(
+        conn, id=execution_id, reason=Reason.CANCELLED, kind=ErrorKind.CANCELLED, actor=actor)
+    if from_status is None:
+        return None
+    return Moved(ExecutionStatus(from_status), ExecutionStatus.CANCELLED, Reason.CANCELLED)
 
 
 async def retry(
-    conn: Conn, ids: list[uuid.UUID], actor: str, *, reason: str = "retry_requested",
+    conn: Conn, ids: list[uuid.UUID], actor: str, *, reason: Reason = Reason.RETRY_REQUESTED,
     only_failed_for: str | None = None,
 ) -> dict[uuid.UUID, int]:
     """Re-run FAILED, TIMED_OUT or CANCELLED executions (only those FAILED for
     `only_failed_for`, if given); return the new attempt of each one that moved."""
-    rows = await conn.fetch(SQL["retry"], ids, actor, reason, only_failed_for)
+    rows = await SQL["retry"].fetch(conn, ids=ids, actor=actor, reason=reason,
+                                    only_reason=only_failed_for)
     return {r["id"]: r["attempt"] for r in rows}
+
+
+async def prune(conn: Conn, *, older_than_s: float, batch: int) -> int:
+    """Delete up to `batch` executions finished more than older_than_s ago, with their
+    history; return how many."""
+    return await SQL["prune"].fetchval(conn, older_than_s=older_than_s, batch=batch)
 
 
 async def dead_letters(
     conn: Conn, *, since_s: float | None, execution_id: uuid.UUID | None = None,
     limit: int,
 ) -> list[DeadLetter]:
-    rows = await conn.fetch(SQL["dead_letters"], since_s, execution_id, limit)
+    rows = await SQL["dead_letters"].fetch(conn, since_s=since_s, execution_id=execution_id,
+                                           limit=limit)
     return [DeadLetter(**dict(r)) for r in rows]
 
 
@@ -259,7 +331,8 @@ async def failed_dead_lettered(
 ) -> list[uuid.UUID]:
     """Executions FAILED (since_s ago at most) because their last delivery was
     dead-lettered, newest first."""
-    rows = await conn.fetch(SQL["failed_dead_lettered"], since_s, action, limit)
+    rows = await SQL["failed_dead_lettered"].fetch(
+        conn, since_s=since_s, action=action, limit=limit, reason=ErrorKind.MAX_DISPATCHES)
     return [r["id"] for r in rows]
 
 
@@ -273,11 +346,11 @@ class InFlight:
 
 async def non_terminal_by_action(conn: Conn) -> list[InFlight]:
     return [InFlight(ExecutionStatus(r["status"]), r["action"], r["n"], r["oldest_s"])
-            for r in await conn.fetch(SQL["non_terminal_by_action"])]
+            for r in await SQL["non_terminal_by_action"].fetch(conn)]
 
 
 async def recent_activity(conn: Conn) -> tuple[int, float | None]:
     """(executions finished in the last minute, age in s of the oldest unfinished)."""
-    row = await conn.fetchrow(SQL["recent_activity"])
+    row = await SQL["recent_activity"].fetchrow(conn)
     assert row is not None
     return row["finished_last_minute"], row["oldest_non_terminal_s"]

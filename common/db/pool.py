@@ -40,6 +40,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Vigil sets no session state on pooled connections (no SET, no LISTEN, no session
+    locks), so a released connection needs no RESET ALL: that would be one more round
+    trip for every query. (asyncpg still rolls back a transaction left open.)"""
+
+
 async def connect(settings: DatabaseSettings, *, application_name: str) -> asyncpg.Pool:
     """Open a pool, or raise DatabaseUnavailable naming the address (never the password)."""
     try:
@@ -54,6 +60,7 @@ async def connect(settings: DatabaseSettings, *, application_name: str) -> async
             timeout=settings.connect_timeout_s,
             command_timeout=settings.command_timeout_s,
             init=_init_connection,
+            reset=_keep_session,
             server_settings={"application_name": application_name[:63]},
         )
     except CONNECTION_ERRORS as exc:

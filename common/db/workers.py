@@ -31,8 +31,9 @@ class Eligible:
 
 
 async def register(conn: Conn, r: Registration) -> None:
-    await conn.execute(
-        SQL["register"], r.id, r.name, r.hostname, r.pid, r.runtimes, r.actions, r.capacity
+    await SQL["register"].execute(
+        conn, id=r.id, name=r.name, hostname=r.hostname, pid=r.pid, runtimes=r.runtimes,
+        actions=r.actions, capacity=r.capacity,
     )
 
 
@@ -44,20 +45,21 @@ async def heartbeat(
     memory_limit_bytes: int | None,
     memory_pressure: bool,
 ) -> WorkerStatus | None:
-    status = await conn.fetchval(
-        SQL["heartbeat"], worker_id, memory_bytes, memory_limit_bytes, memory_pressure
+    status = await SQL["heartbeat"].fetchval(
+        conn, id=worker_id, memory_bytes=memory_bytes, memory_limit_bytes=memory_limit_bytes,
+        memory_pressure=memory_pressure,
     )
     return WorkerStatus(status) if status else None
 
 
 async def set_status(conn: Conn, worker_id: str, status: WorkerStatus, reason: str) -> None:
-    await conn.execute(SQL["set_status"], worker_id, status, reason)
+    await SQL["set_status"].execute(conn, id=worker_id, status=status, reason=reason)
 
 
 async def lock_eligible(conn: asyncpg.Connection, stale_after_s: float) -> list[Eligible]:
     """Within a transaction: lock the ACTIVE workers, then count their free slots."""
-    await conn.execute(SQL["lock_active"])
-    rows = await conn.fetch(SQL["eligible"], stale_after_s)
+    await SQL["lock_active"].execute(conn)
+    rows = await SQL["eligible"].fetch(conn, stale_after_s=stale_after_s)
     return [
         Eligible(id=r["id"], actions=frozenset(r["actions"]), free_slots=r["free_slots"])
         for r in rows
@@ -65,20 +67,21 @@ async def lock_eligible(conn: asyncpg.Connection, stale_after_s: float) -> list[
 
 
 async def offers_action(conn: Conn, action: str) -> bool:
-    return bool(await conn.fetchval(SQL["offers_action"], action))
+    return bool(await SQL["offers_action"].fetchval(conn, action=action))
 
 
 async def list_all(conn: Conn, stale_after_s: float) -> list[Worker]:
-    return [Worker.model_validate(dict(r)) for r in await conn.fetch(SQL["list"], stale_after_s)]
+    rows = await SQL["list"].fetch(conn, stale_after_s=stale_after_s)
+    return [Worker.model_validate(dict(r)) for r in rows]
 
 
 async def mark_lost(conn: Conn, worker_id: str, reason: str) -> bool:
-    return await conn.fetchval(SQL["mark_lost"], worker_id, reason) is not None
+    return await SQL["mark_lost"].fetchval(conn, id=worker_id, reason=reason) is not None
 
 
 async def mark_stale_lost(conn: Conn, stale_after_s: float) -> list[str]:
-    return [r["id"] for r in await conn.fetch(SQL["mark_stale_lost"], stale_after_s)]
+    return [r["id"] for r in await SQL["mark_stale_lost"].fetch(conn, stale_after_s=stale_after_s)]
 
 
 async def count_by_status(conn: Conn) -> dict[WorkerStatus, int]:
-    return {WorkerStatus(r["status"]): r["n"] for r in await conn.fetch(SQL["count_by_status"])}
+    return {WorkerStatus(r["status"]): r["n"] for r in await SQL["count_by_status"].fetch(conn)}

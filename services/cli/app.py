@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from common import broker_access
+from common.client import AsyncClient
 from common.config import (
     BrokerSettings,
     DatabaseSettings,
@@ -30,7 +31,10 @@ from common.config import (
 from common.db import executions, workers
 from common.db.migrate import migrate
 from common.errors import VigilError
-from common.models import TERMINAL, Execution, ExecutionStatus, Worker
+from common.models import Execution, Worker
+from common.state_machine import TERMINAL, ExecutionStatus
+from common.submission import Submission
+from common.submission import execution_id as execution_id_of
 from services.cli import inputs, output
 from services.cli.dead_letters import dead_letters_app
 from services.cli.plumbing import (
@@ -83,6 +87,11 @@ def submit(
     idempotency_key: Annotated[str | None, typer.Option(
         help="Submitting the same key again returns the existing execution.",
     )] = None,
+    delay: Annotated[str | None, typer.Option(
+        help="Start no sooner than this long from now: 30s, 15m, 2h, 1d.")] = None,
+    at: Annotated[str | None, typer.Option(
+        help="Start no sooner than this time, ISO 8601 with a zone: 2026-12-01T09:00:00Z.",
+    )] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the execution to its end; exit 0 only if it succeeded.",
     )] = False,
@@ -92,14 +101,17 @@ def submit(
 ) -> None:
     """Submit an execution of ACTION and print its id."""
     limits = SubmitLimits()
-    action = parse_or_exit(inputs.parse_name, action, "action", limits.max_action_length)
     params = parse_or_exit(inputs.parse_params, param or [], params_json, limits.max_params_bytes)
+    submission = parse_or_exit(lambda: Submission(
+        action, params, max_attempts=max_attempts, timeout_s=timeout,
+        idempotency_key=idempotency_key,
+        delay_s=None if delay is None else inputs.parse_duration(delay, "--delay"),
+        at=None if at is None else inputs.parse_time(at, "--at"),
+    ).checked(limits))
 
     async def body(pool: asyncpg.Pool) -> Execution | None:
-        submitted = await executions.insert(
-            pool, action=action, params=params, max_attempts=max_attempts, timeout_s=timeout,
-            idempotency_key=idempotency_key, actor=CLI_ACTOR,
-        )
+        [submitted] = await AsyncClient(pool, limits=limits, actor=CLI_ACTOR).submit_many(
+            [submission])
         if not submitted.created:
             output.warn(f"idempotency key {idempotency_key!r} already used: "
                         f"returning the existing execution {submitted.id}")
@@ -149,6 +161,8 @@ async def _wait_for_end(pool: asyncpg.Pool, execution_id: Any, timeout_s: float)
 def list_executions(
     status: Annotated[ExecutionStatus | None, typer.Option(case_sensitive=False)] = None,
     action: Annotated[str | None, typer.Option()] = None,
+    reason: Annotated[str | None, typer.Option(
+        help="Only those that ended (or last failed) for this reason, e.g. poison.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
     as_json: JsonOpt = False,
 ) -> None:
@@ -156,7 +170,8 @@ def list_executions(
 
     @pooled
     async def body(pool: asyncpg.Pool) -> list[Execution]:
-        return await executions.list_recent(pool, status=status, action=action, limit=limit)
+        return await executions.list_recent(pool, status=status, action=action,
+                                            reason=reason, limit=limit)
 
     rows = body()
     if as_json:
@@ -174,7 +189,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one execution with its whole history."""
-    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(execution_id_of, execution_id)
 
     @pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list, bool]:
@@ -199,23 +214,24 @@ def show(
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             output.console.print(f"{name:>10}  {text}", markup=False)
     output.table("history", ["at", "attempt", "dispatch", "from", "to", "reason", "by",
-                             "error"], [
+                             "used", "error"], [
         (output.when(h.at), h.attempt, h.dispatch, h.from_status or "", h.to_status, h.reason,
-         h.actor, (h.error or {}).get("message", "")) for h in hist
+         h.actor, output.usage(h.usage), (h.error or {}).get("message", "")) for h in hist
     ])
 
 
 @app.command()
 def cancel(execution_id: ExecutionIdArg, as_json: JsonOpt = False) -> None:
     """Cancel an execution in any non-terminal state; a running child is killed."""
-    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(execution_id_of, execution_id)
 
     @pooled
     async def body(pool: asyncpg.Pool) -> None:
-        was = await executions.cancel(pool, eid, CLI_ACTOR)
-        if was is None:
+        moved = await executions.cancel(pool, eid, CLI_ACTOR)
+        if moved is None:
             e = await existing(pool, eid)
             raise VigilError(f"execution {eid} is already {e.status}")
+        was = moved.from_status
         if as_json:
             output.emit_json({"id": eid, "cancelled": True, "was": was})
         else:
@@ -227,7 +243,7 @@ def cancel(execution_id: ExecutionIdArg, as_json: JsonOpt = False) -> None:
 @app.command()
 def retry(execution_id: ExecutionIdArg, as_json: JsonOpt = False) -> None:
     """Run a FAILED, TIMED_OUT or CANCELLED execution again, as a new attempt."""
-    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(execution_id_of, execution_id)
 
     @pooled
     async def body(pool: asyncpg.Pool) -> None:

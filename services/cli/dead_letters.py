@@ -20,7 +20,9 @@ from common import broker
 from common.config import BrokerSettings
 from common.db import executions
 from common.errors import Unavailable, VigilError
-from common.models import DeadLetter, Execution, ExecutionStatus
+from common.models import DeadLetter, Execution
+from common.state_machine import ErrorKind, ExecutionStatus, Reason
+from common.submission import execution_id as execution_id_of
 from services.cli import inputs, output
 from services.cli.plumbing import (
     CLI_ACTOR,
@@ -34,7 +36,6 @@ from services.cli.plumbing import (
 dead_letters_app = typer.Typer(
     help="Dispatches worker queues gave back: list, inspect, requeue.", no_args_is_help=True)
 
-REQUEUED = "dead_letter_requeued"
 SinceOpt = Annotated[str | None, typer.Option(
     help="Only the last this long: 90s, 15m, 24h, 7d [default: 24h].")]
 
@@ -64,7 +65,7 @@ def _table(rows: list[DeadLetter]) -> None:
 
 
 def _requeueable(e: Execution) -> bool:
-    return e.status == ExecutionStatus.FAILED and e.reason == executions.DEAD_LETTERED
+    return e.status == ExecutionStatus.FAILED and e.reason == ErrorKind.MAX_DISPATCHES
 
 
 @dead_letters_app.command("list")
@@ -100,7 +101,7 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Every dead letter of one execution, and whether it can be requeued."""
-    eid = parse_or_exit(inputs.parse_execution_id, execution_id)
+    eid = parse_or_exit(execution_id_of, execution_id)
 
     @pooled
     async def body(pool: asyncpg.Pool) -> tuple[Execution, list[DeadLetter]]:
@@ -145,7 +146,7 @@ def requeue(
         output.fail("--since and --action go with --all")
         raise typer.Exit(2)
     since_s = _since_s(since)
-    ids = [parse_or_exit(inputs.parse_execution_id, x) for x in execution_ids or []]
+    ids = [parse_or_exit(execution_id_of, x) for x in execution_ids or []]
 
     @pooled
     async def body(pool: asyncpg.Pool) -> dict[uuid.UUID, int]:
@@ -159,11 +160,11 @@ def requeue(
                 if not _requeueable(e):
                     raise VigilError(
                         f"execution {eid} is {e.status}" + (f" ({e.reason})" if e.reason else "")
-                        + f", not FAILED by dead letters ({executions.DEAD_LETTERED}); "
+                        + f", not FAILED by dead letters ({ErrorKind.MAX_DISPATCHES}); "
                           "`vigil retry` runs any finished execution again")
             chosen = ids
-        return await executions.retry(pool, chosen, CLI_ACTOR, reason=REQUEUED,
-                                      only_failed_for=executions.DEAD_LETTERED)
+        return await executions.retry(pool, chosen, CLI_ACTOR, reason=Reason.DEAD_LETTER_REQUEUED,
+                                      only_failed_for=ErrorKind.MAX_DISPATCHES)
 
     moved = body()
     if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
                 f"--params-json is not valid JSON: {exc.msg} at line {exc.lineno} "
                 f"column {exc.colno}"
             ) from None
+        except RecursionError:
+            raise InvalidInput("--params-json is nested too deep") from None
         if not isinstance(loaded, dict):
             raise InvalidInput("--params-json must be a JSON object")
         params.update(loaded)
@@ -45,26 +47,21 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
-    size = len(json.dumps(params).encode())
-    if size > max_bytes:
-        raise InvalidInput(f"params are {size} bytes, over the limit of {max_bytes} bytes")
+        except RecursionError:
+            raise InvalidInput(f"-p {key}: the value is nested too deep") from None
     return params
 
 
-def parse_name(name: str, what: str, max_length: int) -> str:
-    """An action's or a schedule's name: not blank, not too long."""
-    if not name.strip():
-        raise InvalidInput(f"{what} name is empty")
-    if len(name) > max_length:
-        raise InvalidInput(f"{what} name is over {max_length} characters")
-    return name
-
-
-def parse_execution_id(text: str) -> uuid.UUID:
+def parse_time(text: str, option: str) -> datetime:
+    """An ISO 8601 time with a zone, e.g. 2026-12-01T09:00:00Z."""
     try:
-        return uuid.UUID(text)
+        when = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise InvalidInput(f"{text!r} is not an execution id (a UUID)") from None
+        raise InvalidInput(f"{option} {text!r}: expected a time like "
+                           "2026-12-01T09:00:00Z") from None
+    if when.tzinfo is None:
+        raise InvalidInput(f"{option} {text!r}: give the time zone (Z or +01:00)")
+    return when
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")

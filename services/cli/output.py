@@ -48,6 +48,20 @@ def when(t: datetime | None) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if t else ""
 
 
+def usage(used: dict[str, float] | None) -> str:
+    """An attempt's peak memory, CPU and wall time, as far as they are known."""
+    if not used:
+        return ""
+    parts = []
+    if used.get("peak_rss_bytes") is not None:
+        parts.append(f"{used['peak_rss_bytes'] / 2**20:.0f}MiB")
+    if used.get("cpu_s") is not None:
+        parts.append(f"cpu {seconds(used['cpu_s'])}")
+    if used.get("wall_s") is not None:
+        parts.append(f"wall {seconds(used['wall_s'])}")
+    return " ".join(parts)
+
+
 def seconds(s: float | None) -> str:
     if s is None:
         return ""

@@ -18,6 +18,7 @@ from common.config import SubmitLimits
 from common.db import schedules, workers
 from common.errors import VigilError
 from common.models import Overlap, Schedule
+from common.submission import Submission, check_name
 from services.cli import inputs, output
 from services.cli.plumbing import (
     JsonOpt,
@@ -65,10 +66,12 @@ def add(
 ) -> None:
     """Create a schedule that runs ACTION on an interval or a cron expression."""
     limits = SubmitLimits()
-    name = parse_or_exit(inputs.parse_name, name, "schedule", limits.max_action_length)
-    action = parse_or_exit(inputs.parse_name, action, "action", limits.max_action_length)
-    params = parse_or_exit(inputs.parse_params, param or [], params_json,
-                           limits.max_params_bytes)
+    name = parse_or_exit(check_name, name, "schedule", limits.max_action_length)
+    # What each firing submits, checked as a submission now rather than at every firing.
+    submission = parse_or_exit(lambda: Submission(
+        action, inputs.parse_params(param or [], params_json, limits.max_params_bytes),
+        max_attempts=max_attempts, timeout_s=timeout).checked(limits))
+    params = submission.params
     every_s, cron_expr = parse_or_exit(inputs.parse_cadence, every, cron)
 
     @pooled

@@ -17,15 +17,19 @@ from common import db
 from common.broker import WORKER_QUEUE_PREFIX
 from common.config import ExecutorSettings
 from common.db import executions
+from common.db.executions import Dispatch
 from common.loops import RateLimitedLog
-from common.metrics import BAD_MESSAGES, DEAD_LETTERS, TRANSITIONS
+from common.metrics import BAD_MESSAGES, DEAD_LETTERS, count_moves
 from common.models import DispatchMessage
+from common.state_machine import DEAD_LETTER_CAUSES, Reason
 
 log = logging.getLogger(__name__)
 
+# RabbitMQ's x-death reasons that Vigil records, each as the reason of its transition.
+CAUSES: dict[str, Reason] = {r.removeprefix("dead_letter_"): r for r in DEAD_LETTER_CAUSES}
 # Outcomes counted from the start at 0, so that rate() sees the first dead letter.
-KNOWN_OUTCOMES = ("stale", "malformed", "foreign", "expired_requested", "expired_failed",
-                  "rejected_requested", "rejected_failed")
+KNOWN_OUTCOMES = ("stale", "malformed", "foreign",
+                  *(f"{cause}_{status}" for cause in CAUSES for status in ("requested", "failed")))
 
 
 def death_of(message: AbstractIncomingMessage) -> tuple[str, str | None]:
@@ -50,30 +54,29 @@ class DeadLetterHandler:
             DEAD_LETTERS.labels(outcome)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        reason, worker_id = death_of(message)
+        cause, worker_id = death_of(message)
         try:
             dispatch = DispatchMessage.model_validate_json(message.body)
         except ValidationError:
             await self._drop(message, "malformed")
             return
-        if worker_id is None:
+        reason = CAUSES.get(cause)
+        if worker_id is None or reason is None:
             await self._drop(message, "foreign")
             return
-        status = await db.retrying(
-            lambda: executions.release_scheduled(
-                self._pool, execution_id=dispatch.execution_id, attempt=dispatch.attempt,
-                dispatch=dispatch.dispatch, worker_id=worker_id,
-                reason=f"dead_letter_{reason}", actor=self._actor,
+        token = Dispatch(dispatch.execution_id, dispatch.attempt, dispatch.dispatch, worker_id)
+        moves = await db.retrying(
+            lambda: executions.release_dispatches(
+                self._pool, [token], reason=reason, actor=self._actor,
                 max_dispatches=self._settings.max_dispatches,
             ),
             deadline_s=60, what="release dead letter",
         )
-        if status is None:
+        if count_moves("dead_letter", moves, attempted=1):
+            DEAD_LETTERS.labels(f"{cause}_{moves[0].to_status.lower()}").inc()
+        else:
             DEAD_LETTERS.labels("stale").inc()
             log.debug("dead letter for %s is stale", dispatch.execution_id)
-        else:
-            DEAD_LETTERS.labels(f"{reason}_{status.lower()}").inc()
-            TRANSITIONS.labels("SCHEDULED", status, f"dead_letter_{reason}").inc()
         await message.ack()
 
     async def _drop(self, message: AbstractIncomingMessage, kind: str) -> None:

@@ -4,13 +4,16 @@ The state is committed before the message is sent. If the publish fails the exec
 goes straight back to REQUESTED; if the reply to the COMMIT is lost, the dispatcher asks
 which dispatches committed and publishes those; if this process dies in between, the
 timeout monitor finds it SCHEDULED and never started, and puts it back.
+
+A round's publishes are confirmed in the background, so the next round need not wait
+for the broker's confirms: what a round may dispatch is bounded by the workers' free
+slots anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import asyncpg
 
@@ -18,39 +21,52 @@ from common import db
 from common.broker import Publisher
 from common.config import ExecutorSettings
 from common.db import executions, workers
+from common.db.executions import Dispatch
 from common.db.pool import CONNECTION_ERRORS
 from common.errors import PublishFailed
 from common.loops import RateLimitedLog
-from common.metrics import DISPATCHED, FENCED_WRITES, PUBLISH_FAILURES, TRANSITIONS
+from common.metrics import DISPATCHED, PUBLISH_FAILURES, count_moves
 from common.models import DispatchMessage
+from common.state_machine import ExecutionStatus, Moved, Reason
 from services.executor.assign import assign, slots_wanted
 
 log = logging.getLogger(__name__)
 
-# Test-only fault points for the drills: "exit-after-commit" dies after committing
-# SCHEDULED, before publishing; "lose-commit-reply" acts once as if the reply to that
-# COMMIT was lost with the connection.
-FAULT_ENV = "VIGIL_TEST_DISPATCH_FAULT"
 # How long to keep asking the database which dispatches committed before giving up
 # (the schedule-to-start timeout still recovers them).
 COMMIT_CHECK_DEADLINE_S = 30.0
 
 
+class DispatchHooks:
+    """The seam where the drills inject faults (tests/faults.py); these do nothing."""
+
+    async def after_commit(self, dispatches: list[Dispatch]) -> None:
+        """Called once SCHEDULED is committed, before anything is published."""
+
+
 class Dispatcher:
     def __init__(
-        self, pool: asyncpg.Pool, publisher: Publisher, settings: ExecutorSettings, actor: str
+        self, pool: asyncpg.Pool, publisher: Publisher, settings: ExecutorSettings, actor: str,
+        hooks: DispatchHooks | None = None,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._settings = settings
         self._actor = actor
+        self._hooks = hooks or DispatchHooks()
         self._publish_log = RateLimitedLog(log)
-        self._fault = os.environ.get(FAULT_ENV)
+        self._publishing: set[asyncio.Task[None]] = set()
+        # The actions some worker had a free slot for in the last round, and how long
+        # until the next of their executions that is not due yet (a delay, a retry's
+        # backoff) becomes due: dispatch wakes up for it.
+        self._wanted: list[str] = []
+        self.next_due_in: float | None = None
 
     async def dispatch_due(self) -> None:
         """Dispatch rounds until a round finds nothing more to do."""
         while await self.dispatch_round() >= self._settings.dispatch_batch_size:
             pass
+        self.next_due_in = await executions.next_due_in(self._pool, self._wanted)
 
     async def dispatch_round(self) -> int:
         """One batch: claim, assign, commit SCHEDULED, publish. Returns how many."""
@@ -59,34 +75,35 @@ class Dispatcher:
             self._publish_log.log(logging.WARNING, "broker_down",
                                   "dispatch paused: no broker connection")
             return 0
-        scheduled: list[executions.Scheduled] = []
+        scheduled: list[Dispatch] = []
         try:
             async with db.transaction(self._pool) as conn:
                 eligible = await workers.lock_eligible(conn, self._settings.stale_after_s)
-                claimed = await executions.claim_due(
-                    conn, slots_wanted(eligible, self._settings.dispatch_batch_size)
-                )
+                wanted = slots_wanted(eligible, self._settings.dispatch_batch_size)
+                self._wanted = list(wanted)
+                claimed = await executions.claim_due(conn, wanted)
                 scheduled = await executions.mark_scheduled(
-                    conn, assign(claimed, eligible), self._actor
-                )
-            if scheduled and self._fault == "lose-commit-reply":
-                self._fault = None
-                raise ConnectionResetError("test fault: the reply to COMMIT was lost")
+                    conn, assign(claimed, eligible), self._actor)
+            await self._hooks.after_commit(scheduled)
         except CONNECTION_ERRORS:
             if not scheduled:
                 raise
             scheduled = await self._committed(scheduled)
         if not scheduled:
             return 0
-        if self._fault == "exit-after-commit":
-            os._exit(97)
-        TRANSITIONS.labels("REQUESTED", "SCHEDULED", "dispatched").inc(len(scheduled))
-        await asyncio.gather(*(self._publish(s) for s in scheduled))
+        count_moves("dispatch", [Moved(ExecutionStatus.REQUESTED, ExecutionStatus.SCHEDULED,
+                                       Reason.DISPATCHED, len(scheduled))])
+        task = asyncio.create_task(self._publish_all(scheduled), name="publish")
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
         return len(scheduled)
 
-    async def _committed(
-        self, scheduled: list[executions.Scheduled]
-    ) -> list[executions.Scheduled]:
+    async def drain(self) -> None:
+        """Wait for the publishes still being confirmed (at shutdown)."""
+        if self._publishing:
+            await asyncio.wait(list(self._publishing))
+
+    async def _committed(self, scheduled: list[Dispatch]) -> list[Dispatch]:
         """The connection broke at COMMIT: the reply was lost, maybe not the commit. Publish
         what did commit now, rather than leave it to the schedule-to-start timeout."""
         committed = await db.retrying(
@@ -97,33 +114,36 @@ class Dispatcher:
                     len(committed), len(scheduled), extra={"event": "commit_reply_lost"})
         return committed
 
-    async def _publish(self, s: executions.Scheduled) -> None:
+    async def _publish_all(self, scheduled: list[Dispatch]) -> None:
+        results = await asyncio.gather(*(self._publish(d) for d in scheduled))
+        failed = [d for d, ok in zip(scheduled, results, strict=True) if not ok]
+        DISPATCHED.inc(len(scheduled) - len(failed))
+        if failed:
+            await self._release_unpublished(failed)
+
+    async def _publish(self, d: Dispatch) -> bool:
         body = DispatchMessage(
-            execution_id=s.id, attempt=s.attempt, dispatch=s.dispatch
+            execution_id=d.id, attempt=d.attempt, dispatch=d.dispatch
         ).model_dump_json().encode()
         try:
             await self._publisher.publish(
-                body, s.worker_id, message_id=f"{s.id}/{s.attempt}/{s.dispatch}"
+                body, d.worker_id, message_id=f"{d.id}/{d.attempt}/{d.dispatch}"
             )
         except PublishFailed as exc:
             PUBLISH_FAILURES.inc()
             self._publish_log.log(logging.WARNING, "publish_failed",
-                                  "dispatch of %s to %s failed: %s", s.id, s.worker_id, exc)
-            await self._release_unpublished(s)
-            return
-        DISPATCHED.inc()
+                                  "dispatch of %s to %s failed: %s", d.id, d.worker_id, exc)
+            return False
+        return True
 
-    async def _release_unpublished(self, s: executions.Scheduled) -> None:
+    async def _release_unpublished(self, failed: list[Dispatch]) -> None:
         try:
-            status = await executions.release_scheduled(
-                self._pool, execution_id=s.id, attempt=s.attempt, dispatch=s.dispatch,
-                worker_id=s.worker_id, reason="publish_failed", actor=self._actor,
-                max_dispatches=self._settings.max_dispatches, publish_failed=True,
+            moves = await executions.release_dispatches(
+                self._pool, failed, reason=Reason.PUBLISH_FAILED, actor=self._actor,
+                max_dispatches=self._settings.max_dispatches,
             )
-        except Exception as exc:  # the monitor releases it later instead
-            log.warning("could not release %s after a failed publish: %s", s.id, exc)
+        except Exception as exc:  # the monitor releases them later instead
+            log.warning("could not release %d dispatches after a failed publish: %s",
+                        len(failed), exc)
             return
-        if status is None:
-            FENCED_WRITES.labels("release").inc()
-        else:
-            TRANSITIONS.labels("SCHEDULED", status, "publish_failed").inc()
+        count_moves("release", moves, attempted=len(failed))

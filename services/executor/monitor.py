@@ -13,7 +13,7 @@ import asyncpg
 
 from common.config import ExecutorSettings
 from common.db import executions, workers
-from common.metrics import TRANSITIONS
+from common.metrics import count_moves
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +54,23 @@ class TimeoutMonitor:
         if lost:
             log.warning("%d worker(s) LOST after %gs without a heartbeat: %s", len(lost),
                         s.stale_after_s, ", ".join(lost), extra={"event": "workers_stale"})
-        for status, why, n in await executions.recover_lost_running(
-            self._pool, stale_after_s=stale_after_s, retry_delay_s=s.lost_retry_delay_s,
-            batch=s.monitor_batch_size, actor=self._actor,
-        ):
-            TRANSITIONS.labels("RUNNING", status, "worker_lost").inc(n)
-            log.warning("%d running execution(s) on a %s worker -> %s", n, why, status,
-                        extra={"event": "recovered_lost_running"})
-        for status, why, n in await executions.release_stuck_scheduled(
-            self._pool, schedule_to_start_s=s.schedule_to_start_timeout_s,
-            stale_after_s=stale_after_s, max_dispatches=s.max_dispatches,
-            batch=s.monitor_batch_size, actor=self._actor,
-        ):
-            TRANSITIONS.labels("SCHEDULED", status, why).inc(n)
-            log.info("%d scheduled execution(s) never started (%s) -> %s", n, why, status,
-                     extra={"event": "released_stuck_scheduled"})
-        timed_out = await executions.time_out_running(
-            self._pool, batch=s.monitor_batch_size, actor=self._actor
+        sweeps = (
+            ("recovered_lost_running", logging.WARNING, lambda: executions.recover_lost_running(
+                self._pool, stale_after_s=stale_after_s, retry_delay_s=s.lost_retry_delay_s,
+                batch=s.monitor_batch_size, actor=self._actor)),
+            ("released_stuck_scheduled", logging.INFO, lambda: executions.release_stuck_scheduled(
+                self._pool, schedule_to_start_s=s.schedule_to_start_timeout_s,
+                stale_after_s=stale_after_s, max_dispatches=s.max_dispatches,
+                batch=s.monitor_batch_size, actor=self._actor)),
+            ("timed_out", logging.WARNING, lambda: executions.time_out_running(
+                self._pool, batch=s.monitor_batch_size, actor=self._actor)),
+            ("no_worker", logging.WARNING, lambda: executions.fail_unassignable(
+                self._pool, queue_timeout_s=s.queue_timeout_s, batch=s.monitor_batch_size,
+                actor=self._actor)),
         )
-        if timed_out:
-            TRANSITIONS.labels("RUNNING", "TIMED_OUT", "start_to_close_timeout").inc(timed_out)
-            log.warning("%d execution(s) passed their start-to-close timeout", timed_out,
-                        extra={"event": "timed_out"})
-        unassignable = await executions.fail_unassignable(
-            self._pool, queue_timeout_s=s.queue_timeout_s, batch=s.monitor_batch_size,
-            actor=self._actor,
-        )
-        if unassignable:
-            TRANSITIONS.labels("REQUESTED", "FAILED", "no_worker").inc(unassignable)
-            log.warning("%d execution(s) found no worker within %gs", unassignable,
-                        s.queue_timeout_s, extra={"event": "no_worker"})
+        for event, level, sweep in sweeps:
+            moves = await sweep()
+            count_moves(event, moves)
+            for m in moves:
+                log.log(level, "%d execution(s) %s -> %s (%s)", m.n, m.from_status,
+                        m.to_status, m.reason, extra={"event": event})

@@ -18,8 +18,9 @@ import asyncpg
 from common import cadence, db
 from common.db import executions, schedules
 from common.loops import RateLimitedLog
-from common.metrics import SCHEDULE_FIRINGS
+from common.metrics import SCHEDULE_FIRINGS, count_moves
 from common.models import Overlap, Schedule
+from common.submission import Submission
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,13 @@ class Scheduler:
         actor = f"schedule:{s.name}"
         if s.previous_running and s.overlap == Overlap.CANCEL_PREVIOUS:
             assert s.last_execution_id is not None
-            if await executions.cancel(conn, s.last_execution_id, actor) is not None:
+            cancelled = await executions.cancel(conn, s.last_execution_id, actor)
+            if cancelled is not None:
+                count_moves("cancel", [cancelled])
                 SCHEDULE_FIRINGS.labels(s.name, "cancelled_previous").inc()
-        submitted = await executions.insert(
-            conn, action=s.action, params=s.params, max_attempts=s.max_attempts,
-            timeout_s=s.timeout_s,
-            idempotency_key=idempotency_key(s.name, fire_at), actor=actor,
-        )
+        [submitted] = await executions.insert(conn, [Submission(
+            s.action, s.params, max_attempts=s.max_attempts, timeout_s=s.timeout_s,
+            idempotency_key=idempotency_key(s.name, fire_at))], actor)
         await schedules.advance(conn, s.name, next_fire_at=upcoming, fired_at=fire_at,
                                 execution_id=submitted.id)
         SCHEDULE_FIRINGS.labels(s.name, "fired").inc()

@@ -19,7 +19,7 @@ from common import broker, db
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings, ExecutorSettings
 from common.loops import run_loop
 from services.executor.dead_letters import DeadLetterHandler
-from services.executor.dispatcher import Dispatcher
+from services.executor.dispatcher import Dispatcher, DispatchHooks
 from services.executor.gauges import Gauges
 from services.executor.monitor import TimeoutMonitor
 from services.executor.schedules import Scheduler
@@ -37,9 +37,11 @@ SCHEDULES_INTERVAL_S = 1.0
 class Executor:
     def __init__(
         self, settings: ExecutorSettings, db_settings: DatabaseSettings,
-        broker_settings: BrokerSettings,
+        broker_settings: BrokerSettings, hooks: DispatchHooks | None = None,
     ) -> None:
         self.settings = settings
+        self.hooks = hooks
+        self.dispatcher: Dispatcher | None = None
         self.db_settings = db_settings
         self.broker_settings = broker_settings
         self.id = f"{settings.name}-{uuid.uuid4().hex[:8]}"
@@ -69,7 +71,7 @@ class Executor:
         dispatch_exchange = await broker.declare_topology(publish_channel)
         publisher = broker.Publisher(connection, dispatch_exchange,
                                      self.broker_settings.publish_timeout_s)
-        dispatcher = Dispatcher(pool, publisher, s, self.actor)
+        dispatcher = self.dispatcher = Dispatcher(pool, publisher, s, self.actor, self.hooks)
         monitor = TimeoutMonitor(pool, s, self.actor)
 
         consume_channel = await connection.channel()
@@ -81,7 +83,7 @@ class Executor:
             await self._follow_worker_events()
 
         self._tasks = [
-            self._loop("dispatch", dispatcher.dispatch_due, s.dispatch_poll_interval_s,
+            self._loop("dispatch", dispatcher.dispatch_due, self._dispatch_interval,
                        self._dispatch_now),
             self._loop("timeout_monitor", monitor.sweep, s.monitor_interval_s, self._sweep_now),
             self._loop("dispatch_listener", self._keep_listening, LISTENER_CHECK_INTERVAL_S),
@@ -90,9 +92,16 @@ class Executor:
         ]
         log.info("executor %s ready", self.id, extra={"event": "executor_ready"})
 
+    def _dispatch_interval(self) -> float:
+        """The poll interval, or less if a delayed execution is due before then."""
+        assert self.dispatcher is not None
+        next_due = self.dispatcher.next_due_in
+        poll = self.settings.dispatch_poll_interval_s
+        return poll if next_due is None else max(0.0, min(poll, next_due))
+
     def _loop(
-        self, name: str, body: Callable[[], Awaitable[None]], interval_s: float,
-        wake: asyncio.Event | None = None,
+        self, name: str, body: Callable[[], Awaitable[None]],
+        interval_s: float | Callable[[], float], wake: asyncio.Event | None = None,
     ) -> asyncio.Task[None]:
         return asyncio.create_task(
             run_loop(name, body, interval_s=interval_s, stop=self._stop_loops, wake=wake),
@@ -136,6 +145,8 @@ class Executor:
     async def shutdown(self) -> None:
         self._stop_loops.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dispatcher is not None:
+            await self.dispatcher.drain()
         for connection in self._connections:
             await connection.close()
         if self._listener is not None and not self._listener.is_closed():

@@ -1,10 +1,14 @@
-"""What runs inside the child process of one python attempt.
+"""What runs inside a python child: attempt after attempt, until the worker lets it go.
 
-The child reads one JSON job {"execution_id", "action", "params", "attempt",
-"checkpoint"} and answers on its protocol pipe with JSON lines:
+The worker writes one JSON job per line on the child's channel: {"execution_id",
+"action", "params", "attempt", "checkpoint", "memory_limit_bytes", "checkpoint_limit_bytes",
+"marker"}. The child answers on the same channel with JSON lines:
 {"type": "checkpoint", "data": ...} any number of times, then exactly one
 {"type": "result", "ok": true, "result": ...} or {"type": "result", "ok": false,
-"error": {...}}. Whatever the action prints goes to stderr, so it can't corrupt that.
+"error": {...}}, with "usage" (peak RSS, CPU and wall seconds of this attempt) and
+"retire" (true when this child should not be given another attempt). Whatever the
+action prints goes to stderr, which the worker reads; the child writes the job's marker
+there before the result, so the worker knows which output was this attempt's.
 """
 
 from __future__ import annotations
@@ -12,10 +16,31 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import resource
+import socket
+import sys
+import time
 import traceback
+from collections.abc import Callable
 from typing import IO, Any
 
-from services.worker import registry
+from common import actions
+from common.actions import CheckpointTooLarge
+from common.state_machine import ErrorKind
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def serve(channel: socket.socket) -> None:
+    """Run the jobs the worker sends until it closes the channel."""
+    jobs = channel.makefile("rb")
+    out = channel.makefile("w", encoding="utf-8")
+    for line in jobs:
+        record = run_job(json.loads(line), lambda r: _emit(out, r))
+        _emit(out, record)
+        if record["retire"]:
+            return
 
 
 def _emit(out: IO[str], record: dict[str, Any]) -> None:
@@ -23,35 +48,110 @@ def _emit(out: IO[str], record: dict[str, Any]) -> None:
     out.flush()
 
 
-def run_job(job: dict[str, Any], protocol: IO[str]) -> None:
-    """Run the job's action (already imported by the zygote) and report on `protocol`."""
+def run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Run the job's action (imported by the zygote already); return its result record."""
+    usage = _Usage()
+    memory_limit = job.get("memory_limit_bytes")
+    retire = False
     try:
-        fn = registry.lookup(job["action"])
-        if fn is None:
-            _emit(protocol, {"type": "result", "ok": False, "error": {
-                "kind": "unknown_action", "message": f"no action named {job['action']!r}"}})
-            return
-        ctx = registry.Context(
-            execution_id=job["execution_id"],
-            params=job["params"],
-            attempt=job["attempt"],
-            checkpoint=job["checkpoint"],
-            _save=lambda data: _emit(protocol, {"type": "checkpoint", "data": data}),
-        )
-        result = fn(ctx)
+        if memory_limit:
+            _limit_address_space(memory_limit)
+        record = _call_action(job, emit)
+    except MemoryError:  # over the address-space limit: this heap is not to be trusted
+        retire = True
+        record = _failure(ErrorKind.MEMORY_LIMIT,
+                          f"used more than its memory limit of {memory_limit} bytes")
+    finally:
+        if memory_limit:
+            _limit_address_space(None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(2, str(job["marker"]).encode())
+    record.update(type="result", usage=usage.done(), retire=retire)
+    return record
+
+
+def _call_action(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    spec = actions.lookup(job["action"])
+    if spec is None or spec.fn is None:
+        return _failure(ErrorKind.UNKNOWN_ACTION, f"no action named {job['action']!r}")
+    limit = job.get("checkpoint_limit_bytes")
+
+    def save(data: Any) -> None:
+        size = len(json.dumps(data, default=repr).encode())
+        if limit is not None and size > limit:
+            raise CheckpointTooLarge(
+                f"checkpoint is {size} bytes, over the limit of {limit} bytes")
+        emit({"type": "checkpoint", "data": data})
+
+    ctx = actions.Context(execution_id=job["execution_id"], params=job["params"],
+                          attempt=job["attempt"], checkpoint=job["checkpoint"], _save=save)
+    try:
+        result = spec.fn(ctx)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
         json.dumps(result)  # a result that is not JSON is the action's error, not ours
+    except MemoryError:
+        raise
+    except CheckpointTooLarge as exc:
+        return _failure(ErrorKind.CHECKPOINT_TOO_LARGE, str(exc))
     except BaseException as exc:  # the child reports everything, even SystemExit
-        _emit(protocol, {"type": "result", "ok": False, "error": {
-            "kind": "action_error",
-            "type": type(exc).__name__,
-            "message": str(exc)[:2000],
-            "traceback": traceback.format_exc()[-8000:],
-        }})
-        return
-    _emit(protocol, {"type": "result", "ok": True, "result": result})
+        return _failure(ErrorKind.ACTION_ERROR, str(exc)[:2000], type=type(exc).__name__,
+                        traceback=traceback.format_exc()[-8000:])
+    return {"ok": True, "result": result}
+
+
+def _failure(kind: ErrorKind, message: str, **details: Any) -> dict[str, Any]:
+    return {"ok": False, "error": {"kind": kind, "message": message, **details}}
 
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _limit_address_space(limit_bytes: int | None) -> None:
+    """Cap this process's address space at what it maps now plus `limit_bytes`, so an
+    attempt that allocates past its memory limit gets MemoryError (the worker's RSS
+    watchdog catches what this misses); None lifts the cap again."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = hard if limit_bytes is None else _mapped_bytes() + limit_bytes
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _mapped_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * _PAGE
+
+
+class _Usage:
+    """What one attempt used: peak RSS (the kernel's high-water mark, reset at the
+    start), CPU seconds (its own and its waited-for children's) and wall seconds."""
+
+    def __init__(self) -> None:
+        self._began = time.monotonic()
+        self._cpu = _cpu_s()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM, the peak RSS
+        except OSError:
+            pass  # then the peak is this process's lifetime peak
+
+    def done(self) -> dict[str, float]:
+        return {"peak_rss_bytes": _peak_rss_bytes(), "cpu_s": round(_cpu_s() - self._cpu, 6),
+                "wall_s": round(time.monotonic() - self._began, 6)}
+
+
+def _cpu_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    spawned = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + spawned.ru_utime + spawned.ru_stime
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,5 +1,5 @@
-"""The worker's side of the zygote (services/worker/zygote.py): ask it to fork a child
-for an attempt, then talk to that child over pipes and learn how it exited."""
+"""The worker's side of the zygote (services/worker/zygote.py): ask it to fork a child,
+and learn how each child exited."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ ZYGOTE_DIED = -signal.SIGKILL  # how a child whose zygote died is reported
 
 @dataclass
 class Child:
-    """A forked attempt process and the worker's ends of its pipes."""
+    """A forked child and the worker's ends of its channel and its stderr."""
 
     pid: int
-    protocol: asyncio.StreamReader
+    reader: asyncio.StreamReader  # the child's results
+    writer: asyncio.StreamWriter  # jobs for the child
     stderr: asyncio.StreamReader
     exited: asyncio.Future[int]
 
@@ -81,45 +82,43 @@ class ForkServer:
     def zygote_pid(self) -> int | None:
         return self._zygote.pid if self._zygote is not None else None
 
-    async def spawn(self, job: dict) -> Child:
-        """Fork a child that runs `job`. A zygote found dead is replaced once."""
+    async def spawn(self) -> Child:
+        """Fork a child. A zygote found dead is replaced once."""
         try:
-            return await self._spawn(job)
+            return await self._spawn()
         except (OSError, RuntimeError) as exc:
             log.warning("zygote unusable (%s); starting a new one", exc,
                         extra={"event": "zygote_restart"})
             await self.close()
-            return await self._spawn(job)
+            return await self._spawn()
 
-    async def _spawn(self, job: dict) -> Child:
+    async def _spawn(self) -> Child:
         async with self._start_lock:
             if self._sock is None:
                 await self.start()
         assert self._sock is not None
         loop = asyncio.get_running_loop()
-        job_r, job_w = os.pipe()
-        protocol_r, protocol_w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stderr_r, stderr_w = os.pipe()
         request_id = next(self._ids)
         forked = self._forked[request_id] = loop.create_future()
         try:
             socket.send_fds(self._sock, [json.dumps({"id": request_id}).encode()],
-                            [job_r, protocol_w, stderr_w])
+                            [theirs.fileno(), stderr_w])
         except OSError:
-            for fd in (job_w, protocol_r, stderr_r):
-                os.close(fd)
+            ours.close()
+            os.close(stderr_r)
             self._forked.pop(request_id, None)
             raise
         finally:
-            for fd in (job_r, protocol_w, stderr_w):
-                os.close(fd)
+            theirs.close()
+            os.close(stderr_w)
         pid = await forked
         # The exit may already have been reported; either way one future per pid.
         exited = self._exits.setdefault(pid, loop.create_future())
         exited.add_done_callback(lambda _: self._exits.pop(pid, None))
-        child = Child(pid, await _reader(protocol_r), await _reader(stderr_r), exited)
-        await _write_all(job_w, json.dumps(job).encode())
-        return child
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**24)
+        return Child(pid, reader, writer, await _reader(stderr_r), exited)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -166,12 +165,3 @@ async def _reader(fd: int) -> asyncio.StreamReader:
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
     )
     return reader
-
-
-async def _write_all(fd: int, data: bytes) -> None:
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.connect_write_pipe(
-        asyncio.Protocol, os.fdopen(fd, "wb", buffering=0)
-    )
-    transport.write(data)
-    transport.close()

@@ -1,46 +1,48 @@
 """Runtimes: how one attempt runs in a child process, and what its outcome is.
 
-`shell` runs an argv list; `python` runs a registered action in a child forked by the
-zygote (services/worker/zygote.py). Either way the child is in its own session and
-dies with the worker (PDEATHSIG), so a crash or an OOM kill takes the child, never the
-worker, and a dead worker leaves no orphan still doing the work.
+`shell` runs an argv list in a process (and process group) of its own; `python` runs a
+registered action in one of the worker's pooled children (services/worker/pool.py).
+Either way the child dies with the worker (PDEATHSIG), so a crash or an OOM kill takes
+the child, never the worker, and a dead worker leaves no orphan still doing the work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+import resource
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.worker.forkserver import ForkServer
+from common.state_machine import AttemptError, ErrorKind, Reason
 from services.worker.pdeathsig import die_with_parent
+from services.worker.pool import ChildPool, ChildRun
 
 SHELL_ACTION = "shell"
 RUNTIMES = ("shell", "python")
-# Errors that would fail the same way again: retrying them only wastes a slot.
-NEVER_RETRY = frozenset({"invalid_params", "unknown_action", "command_not_found", "bug"})
-
 
 
 @dataclass(frozen=True)
 class Outcome:
     ok: bool
     result: Any = None
-    error: dict[str, Any] | None = None
-
-    @property
-    def retryable(self) -> bool:
-        return not self.ok and (self.error or {}).get("kind") not in NEVER_RETRY
+    error: AttemptError | None = None
+    usage: dict[str, float] | None = None  # peak_rss_bytes, cpu_s, wall_s (what is known)
 
     @property
     def reason(self) -> str:
-        return "succeeded" if self.ok else str((self.error or {}).get("kind", "failed"))
+        return self.error.kind if self.error is not None else Reason.SUCCEEDED
+
+
+def failed(kind: ErrorKind, message: str, usage: dict[str, float] | None = None,
+           **details: Any) -> Outcome:
+    return Outcome(False, error=AttemptError(kind=kind, message=message, **details),
+                   usage=usage)
 
 
 class ShellParams(BaseModel):
@@ -58,119 +60,110 @@ class Attempt:
     params: Any
     attempt: int
     checkpoint: Any
+    memory_limit_bytes: int | None  # None: no cap
 
 
 OnCheckpoint = Callable[[Any], Awaitable[None]]
 
 
-async def run(
-    attempt: Attempt, *, forkserver: ForkServer | None, tail_bytes: int,
-    on_checkpoint: OnCheckpoint,
-) -> Outcome:
-    """Run one attempt to its end. Cancelling this coroutine kills the child."""
-    if attempt.action == SHELL_ACTION:
-        return await _run_shell(attempt, tail_bytes)
-    if forkserver is None:
-        return Outcome(False, error={"kind": "unknown_action",
-                                     "message": "this worker does not run python actions"})
-    return await _run_python(attempt, forkserver, tail_bytes, on_checkpoint)
+@dataclass(frozen=True)
+class Runtimes:
+    """What the worker runs attempts with: its python pool (None if it offers no python
+    actions) and the limits every attempt gets."""
 
+    pool: ChildPool | None
+    tail_bytes: int
+    checkpoint_limit_bytes: int
 
-async def _run_shell(attempt: Attempt, tail_bytes: int) -> Outcome:
-    try:
-        params = ShellParams.model_validate(attempt.params)
-    except ValidationError as exc:
-        return Outcome(False, error={"kind": "invalid_params", "message": _first_error(exc)})
-    env = {**os.environ, **params.env} if params.env is not None else None
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *params.argv, cwd=params.cwd, env=env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            preexec_fn=die_with_parent,
+    async def run(self, attempt: Attempt, on_checkpoint: OnCheckpoint) -> Outcome:
+        """Run one attempt to its end. Cancelling this coroutine kills the child."""
+        if attempt.action == SHELL_ACTION:
+            return await self._run_shell(attempt)
+        if self.pool is None:
+            return failed(ErrorKind.UNKNOWN_ACTION, "this worker does not run python actions")
+        run = await self.pool.run(
+            {"execution_id": attempt.execution_id, "action": attempt.action,
+             "params": attempt.params, "attempt": attempt.attempt,
+             "checkpoint": attempt.checkpoint,
+             "checkpoint_limit_bytes": self.checkpoint_limit_bytes},
+            memory_limit_bytes=attempt.memory_limit_bytes, on_checkpoint=on_checkpoint,
         )
-    except FileNotFoundError as exc:
-        kind = "invalid_params" if params.cwd and not os.path.isdir(params.cwd) \
-            else "command_not_found"
-        return Outcome(False, error={"kind": kind, "message": str(exc)})
-    except OSError as exc:
-        return Outcome(False, error={"kind": "spawn_failed", "message": str(exc)})
-    assert proc.stdout is not None and proc.stderr is not None
-    stdout, stderr, code = await _supervise(
-        _ShellProcess(proc), _tail(proc.stdout, tail_bytes), _tail(proc.stderr, tail_bytes)
-    )
-    output = {"exit_code": code, "stdout": stdout, "stderr": stderr}
-    if code == 0:
-        return Outcome(True, result=output)
-    kind = "killed" if code < 0 else "exit_code"
-    return Outcome(False, error={"kind": kind, "message": _exit_text(code), **output})
+        return _python_outcome(run, attempt.memory_limit_bytes)
 
-
-async def _run_python(
-    attempt: Attempt, forkserver: ForkServer, tail_bytes: int, on_checkpoint: OnCheckpoint
-) -> Outcome:
-    try:
-        child = await forkserver.spawn({
-            "execution_id": attempt.execution_id, "action": attempt.action,
-            "params": attempt.params, "attempt": attempt.attempt,
-            "checkpoint": attempt.checkpoint,
-        })
-    except (OSError, RuntimeError) as exc:
-        return Outcome(False, error={"kind": "spawn_failed", "message": str(exc)})
-    results: list[dict[str, Any]] = []
-
-    async def read_protocol() -> None:
-        async for line in child.protocol:
-            record = json.loads(line)
-            if record["type"] == "checkpoint":
-                await on_checkpoint(record["data"])
-            else:
-                results.append(record)
-
-    _, stderr, code = await _supervise(child, read_protocol(), _tail(child.stderr, tail_bytes))
-    if results and code == 0:
-        record = results[-1]
-        if record["ok"]:
-            return Outcome(True, result=record["result"])
-        return Outcome(False, error={**record["error"], "stderr": stderr})
-    kind = "killed" if code < 0 else "crashed"
-    return Outcome(False, error={"kind": kind, "message": _exit_text(code), "stderr": stderr})
-
-
-class _Process(Protocol):
-    def kill(self) -> None: ...
-
-    async def wait(self) -> int: ...
-
-
-class _ShellProcess:
-    """An asyncio subprocess, seen as a process group to kill and an exit to wait for."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
-
-    def kill(self) -> None:
+    async def _run_shell(self, attempt: Attempt) -> Outcome:
         try:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            params = ShellParams.model_validate(attempt.params)
+        except ValidationError as exc:
+            return failed(ErrorKind.INVALID_PARAMS, _first_error(exc))
+        env = {**os.environ, **params.env} if params.env is not None else None
+        began = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *params.argv, cwd=params.cwd, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                preexec_fn=_shell_child_setup(attempt.memory_limit_bytes),
+            )
+        except FileNotFoundError as exc:
+            kind = ErrorKind.INVALID_PARAMS if params.cwd and not os.path.isdir(params.cwd) \
+                else ErrorKind.COMMAND_NOT_FOUND
+            return failed(kind, str(exc))
+        except OSError as exc:
+            return failed(ErrorKind.SPAWN_FAILED, str(exc))
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            stdout, stderr = await asyncio.gather(_tail(proc.stdout, self.tail_bytes),
+                                                  _tail(proc.stderr, self.tail_bytes))
+            code = await proc.wait()
+        except BaseException:
+            _kill_group(proc.pid)
+            await asyncio.shield(proc.wait())
+            raise
+        output = {"exit_code": code, "stdout": stdout, "stderr": stderr}
+        usage = {"wall_s": round(time.monotonic() - began, 6)}
+        if code == 0:
+            return Outcome(True, result=output, usage=usage)
+        return failed(ErrorKind.KILLED if code < 0 else ErrorKind.EXIT_CODE, _exit_text(code),
+                      usage, **output, **_signal(code))
 
-    async def wait(self) -> int:
-        return await self._proc.wait()
+
+def _python_outcome(run: ChildRun, memory_limit_bytes: int | None) -> Outcome:
+    if run.record is not None:
+        usage = run.record["usage"]
+        if run.record["ok"]:
+            return Outcome(True, result=run.record["result"], usage=usage)
+        return Outcome(False, error=AttemptError(**run.record["error"], stderr=run.stderr),
+                       usage=usage)
+    # The child died before it could report: a signal (the OOM killer, SIGSEGV, a kill),
+    # our memory watchdog, or an exit of its own.
+    usage = {"wall_s": round(run.wall_s, 6)}
+    if run.peak_rss_bytes is not None:
+        usage["peak_rss_bytes"] = run.peak_rss_bytes
+    code = run.exit_code if run.exit_code is not None else -signal.SIGKILL
+    details = {"stderr": run.stderr, **_signal(code), **(
+        {"peak_rss_bytes": run.peak_rss_bytes} if run.peak_rss_bytes is not None else {})}
+    if run.over_memory_limit:
+        return failed(ErrorKind.MEMORY_LIMIT,
+                      f"used more than its memory limit of {_mib(memory_limit_bytes)}; "
+                      f"{_exit_text(code)}", usage, **details)
+    return failed(ErrorKind.KILLED if code < 0 else ErrorKind.CRASHED, _exit_text(code),
+                  usage, **details)
 
 
-async def _supervise(
-    proc: _Process, out: Awaitable[Any], err: Awaitable[str]
-) -> tuple[Any, str, int]:
-    """Wait for the child and its pipes; on cancellation kill its whole process group."""
+def _shell_child_setup(memory_limit_bytes: int | None) -> Callable[[], None]:
+    def setup() -> None:  # in the forked child, before exec
+        die_with_parent()
+        if memory_limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+    return setup
+
+
+def _kill_group(pid: int) -> None:
     try:
-        stdout, stderr = await asyncio.gather(out, err)
-        code = await proc.wait()
-    except BaseException:
-        proc.kill()
-        await asyncio.shield(proc.wait())
-        raise
-    return stdout, stderr, code
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 async def _tail(stream: asyncio.StreamReader, limit: int) -> str:
@@ -183,13 +176,23 @@ async def _tail(stream: asyncio.StreamReader, limit: int) -> str:
     return kept.decode(errors="replace")
 
 
+def _signal(code: int) -> dict[str, str]:
+    if code >= 0:
+        return {}
+    try:
+        return {"signal": signal.Signals(-code).name}
+    except ValueError:
+        return {"signal": str(-code)}
+
+
 def _exit_text(code: int) -> str:
     if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
+        return f"killed by {_signal(code)['signal']}"
     return f"exited with code {code}"
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:g} MiB"
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -1,7 +1,13 @@
 """The worker process: register, heartbeat, consume, run attempts, drain on SIGTERM.
 
-Order matters (seed 004): actions are loaded and the worker is registered with its
-queue bound *before* it consumes, so it never receives work it cannot handle.
+Order matters (seed 004): the actions are imported and the python children forked
+from them, and the worker is registered with its queue bound, *before* it consumes, so
+it never receives work it cannot handle.
+
+The hot path writes in groups (common/batching.py): the SCHEDULED -> RUNNING of every
+delivery that arrives while the previous start is being committed goes in one statement,
+and so do the outcomes of attempts that end together; each row is still fenced by its
+own token, and each delivery is acked only once its RUNNING is committed.
 """
 
 from __future__ import annotations
@@ -25,38 +31,46 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
-from common import broker, db
+from common import actions, broker, db
+from common.batching import Batcher
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings, WorkerSettings
-from common.db import actions, executions, workers
+from common.db import actions as action_rows
+from common.db import executions, workers
+from common.db.executions import Dispatch, Ended, Started
 from common.errors import describe
 from common.loops import RateLimitedLog, run_loop
 from common.metrics import (
     BAD_MESSAGES,
-    FENCED_WRITES,
+    BATCH_SIZE,
     RUN_TIME,
     SCHEDULE_TO_START,
-    TRANSITIONS,
     WORKER_CAPACITY,
     WORKER_IN_FLIGHT,
     WORKER_MEMORY,
     WORKER_PRESSURE,
+    count_moves,
 )
-from common.models import DispatchMessage, ExecutionStatus, WorkerStatus
-from services.worker import memory, registry, runtimes
+from common.models import DispatchMessage, WorkerStatus
+from common.state_machine import AttemptError, ErrorKind, ExecutionStatus, Moved, Reason
+from services.worker import memory, runtimes
 from services.worker.forkserver import ForkServer
+from services.worker.pool import ChildPool
 
 log = logging.getLogger(__name__)
 
 # How long a worker keeps retrying a state write while Postgres is unreachable.
 DB_RETRY_DEADLINE_S = 120.0
+# A dispatch message is ~120 bytes of JSON; anything much larger is not one.
+MAX_MESSAGE_BYTES = 4096
+# Most rows in one grouped write.
+MAX_BATCH = 256
 
 
 @dataclass
 class Running:
     """One attempt in progress on this worker."""
 
-    execution_id: uuid.UUID
-    attempt: int
+    token: Dispatch
     task: asyncio.Task[None] = field(repr=False)
     # Why the task was cancelled: "not_owned" (someone else moved it: write nothing)
     # or "shutdown" (grace expired: release it for retry).
@@ -82,8 +96,10 @@ class Worker:
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
         self._heartbeat_now = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
+        self._children: ChildPool | None = None
         self._forkserver = (ForkServer(settings.action_modules)
                             if "python" in settings.runtimes else None)
+        self._runtimes: runtimes.Runtimes | None = None
         self._connection: AbstractRobustConnection | None = None
         # Referenced so that aio-pika restores them after a reconnect.
         self._channel: AbstractChannel | None = None
@@ -92,15 +108,16 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._loops_stop = asyncio.Event()
         self._bad_log = RateLimitedLog(log)
+        self._starts = Batcher("start", self._write_starts, max_batch=MAX_BATCH)
+        self._ends = Batcher("end", self._write_ends, max_batch=MAX_BATCH)
         WORKER_CAPACITY.set(settings.capacity)
 
-    def _offered_actions(self) -> list[registry.ActionSpec]:
-        offered: list[registry.ActionSpec] = []
+    def _offered_actions(self) -> dict[str, actions.ActionSpec]:
+        offered: dict[str, actions.ActionSpec] = {}
         if "shell" in self.settings.runtimes:
-            offered.append(registry.ActionSpec(runtimes.SHELL_ACTION, None))
+            offered[runtimes.SHELL_ACTION] = actions.ActionSpec(runtimes.SHELL_ACTION, None)
         if "python" in self.settings.runtimes:
-            specs = registry.load(self.settings.action_modules)
-            offered.extend(specs[name] for name in sorted(specs))
+            offered.update(sorted(actions.load(self.settings.action_modules).items()))
         return offered
 
     @property
@@ -108,44 +125,61 @@ class Worker:
         assert self._pool is not None, "worker not started"
         return self._pool
 
+    @property
+    def child_pids(self) -> list[int]:
+        return self._children.pids if self._children is not None else []
+
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_children()  # a worker that could not start leaves nothing
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
         if self._forkserver is not None:
-            await self._forkserver.start()
+            self._children = ChildPool(
+                self._forkserver, s.capacity, max_attempts_per_child=s.child_max_attempts,
+                recycle_rss_bytes=_bytes(s.child_max_rss_mb), tail_bytes=s.output_tail_bytes)
+            await self._children.start()
+        self._runtimes = runtimes.Runtimes(self._children, s.output_tail_bytes,
+                                           s.checkpoint_limit_bytes)
         self._pool = await db.connect(self.db_settings, application_name=f"vigil-worker {self.id}")
         self._connection = await broker.connect(
             self.broker_settings, BrokerRole.WORKER,
-            broker.worker_connection_name(self.settings.name, self.id),
+            broker.worker_connection_name(s.name, self.id),
         )
         channel = self._channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self.settings.capacity)
+        await channel.set_qos(prefetch_count=s.capacity)
         self._queue = await broker.declare_worker_queue(channel, self.id)
-        await actions.upsert(self.pool, [
-            actions.ActionDefaults(a.name, a.max_attempts, a.timeout_s) for a in self.offered
+        await action_rows.upsert(self.pool, [
+            action_rows.ActionDefaults(a.name, a.max_attempts, a.timeout_s)
+            for a in self.offered.values()
         ])
         await workers.register(self.pool, workers.Registration(
-            id=self.id, name=self.settings.name, hostname=socket.gethostname(), pid=os.getpid(),
-            runtimes=list(self.settings.runtimes), actions=[a.name for a in self.offered],
-            capacity=self.settings.capacity,
+            id=self.id, name=s.name, hostname=socket.gethostname(), pid=os.getpid(),
+            runtimes=list(s.runtimes), actions=list(self.offered), capacity=s.capacity,
         ))
         self._loops = [
             asyncio.create_task(run_loop(
                 "worker_heartbeat", self._heartbeat, stop=self._loops_stop,
-                interval_s=self.settings.heartbeat_interval_s, wake=self._heartbeat_now,
+                interval_s=s.heartbeat_interval_s, wake=self._heartbeat_now,
             ), name="worker_heartbeat"),
             asyncio.create_task(run_loop(
                 "worker_ownership", self._check_ownership, stop=self._loops_stop,
-                interval_s=self.settings.ownership_check_interval_s,
+                interval_s=s.ownership_check_interval_s,
             ), name="worker_ownership"),
         ]
         self._consumer_tag = await self._queue.consume(self._on_message)
-        log.info("worker %s ready: capacity %d, actions %s", self.id, self.settings.capacity,
-                 ", ".join(a.name for a in self.offered), extra={"event": "worker_ready"})
+        log.info("worker %s ready: capacity %d, actions %s", self.id, s.capacity,
+                 ", ".join(self.offered), extra={"event": "worker_ready"})
 
     async def shutdown(self) -> None:
-        """DRAINING -> stop consuming -> reject unstarted -> wait up to the grace ->
-        release the rest for retry -> INACTIVE."""
+        """DRAINING -> stop consuming -> give back unstarted deliveries -> wait up to the
+        grace -> release the rest for retry -> INACTIVE."""
         grace = self.settings.shutdown_grace_s
         log.info("worker %s draining (grace %gs, %d running)", self.id, grace,
                  len(self.running), extra={"event": "worker_draining"})
@@ -169,14 +203,21 @@ class Worker:
                 await asyncio.wait(pending)
         self._loops_stop.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._starts.close()
+        await self._ends.close()
         await self._set_status(WorkerStatus.INACTIVE, "shut down")
         if self._connection is not None:
             await self._connection.close()
         if self._pool is not None:
             await self._pool.close()
+        await self._close_children()
+        log.info("worker %s stopped", self.id, extra={"event": "worker_stopped"})
+
+    async def _close_children(self) -> None:
+        if self._children is not None:
+            await self._children.close()
         if self._forkserver is not None:
             await self._forkserver.close()
-        log.info("worker %s stopped", self.id, extra={"event": "worker_stopped"})
 
     async def _set_status(self, status: WorkerStatus, reason: str) -> None:
         try:
@@ -209,28 +250,27 @@ class Worker:
         if not self.running:
             return
         lost = await executions.running_not_owned(
-            self.pool, self.id, {r.execution_id: r.attempt for r in self.running.values()}
+            self.pool, self.id, {r.token.id: r.token.attempt for r in self.running.values()}
         )
         for execution_id in lost:
             r = self.running.get(execution_id)
             if r is not None and not r.task.done():
                 log.info("execution %s attempt %d is no longer ours; killing it",
-                         execution_id, r.attempt, extra={"event": "attempt_revoked"})
+                         execution_id, r.token.attempt, extra={"event": "attempt_revoked"})
                 r.cancel_reason = "not_owned"
                 r.task.cancel()
 
     async def _release_unknown(self) -> None:
         known = [*self.running, *(d.execution_id for d in self._claiming)]
-        for execution_id, attempt, dispatch in await executions.running_unknown(
-            self.pool, self.id, known
-        ):
+        for token in await executions.running_unknown(self.pool, self.id, known):
             log.warning("execution %s attempt %d is RUNNING here by the database's books "
-                        "but not the worker's; releasing it for retry", execution_id, attempt,
-                        extra={"event": "attempt_orphaned"})
-            error = {"kind": "orphaned", "message": "the worker lost track of this attempt"}
-            token = DispatchMessage(execution_id=execution_id, attempt=attempt,
-                                    dispatch=dispatch)
-            await self._finish(token, ExecutionStatus.FAILED, 0.0, None, error, "orphaned")
+                        "but not the worker's; releasing it for retry", token.id,
+                        token.attempt, extra={"event": "attempt_orphaned"})
+            await self._end(Ended(
+                token.id, token.attempt, token.dispatch, ExecutionStatus.FAILED,
+                error=AttemptError(kind=ErrorKind.ORPHANED,
+                                   message="the worker lost track of this attempt"),
+                retry_delay_s=0.0))
 
     # ---- deliveries ------------------------------------------------------------------
 
@@ -243,169 +283,204 @@ class Worker:
         await asyncio.shield(task)
 
     async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
+        if len(message.body) > MAX_MESSAGE_BYTES:
+            await self._reject_bad(message, "oversize", f"{len(message.body)} bytes")
+            return
         try:
             dispatch = DispatchMessage.model_validate_json(message.body)
         except ValidationError as exc:
-            self._reject_bad(message, "malformed", describe(exc))
-            await _settle(message, ack=False)
+            await self._reject_bad(message, "malformed", describe(exc))
             return
         current = self.running.get(dispatch.execution_id)
-        if dispatch in self._claiming or (current and current.attempt == dispatch.attempt):
+        if dispatch in self._claiming or (current and current.token.attempt == dispatch.attempt):
             # A redelivery (the ack was lost with the connection) of work already ours.
-            self._reject_bad(message, "duplicate", f"execution {dispatch.execution_id} "
-                             f"attempt {dispatch.attempt} is already running here")
-            await _settle(message, ack=False)
+            await self._reject_bad(message, "duplicate", f"execution {dispatch.execution_id} "
+                                   f"attempt {dispatch.attempt} is already running here")
             return
-        if not await self._take_slot():
-            # Draining, or no memory to spare: the dead-letter exchange hands it back to
-            # the executor at once, which redispatches it elsewhere.
-            await _settle(message, ack=False)
+        token = Dispatch(dispatch.execution_id, dispatch.attempt, dispatch.dispatch, self.id)
+        refusal = await self._take_slot()
+        if refusal is not None:
+            await self._give_back(message, token, refusal)
             return
         self._claiming.add(dispatch)
         try:
-            await self._claim(message, dispatch)
+            await self._claim(message, token)
         finally:
             self._claiming.discard(dispatch)
 
-    async def _claim(self, message: AbstractIncomingMessage, dispatch: DispatchMessage) -> None:
+    async def _claim(self, message: AbstractIncomingMessage, token: Dispatch) -> None:
         """SCHEDULED -> RUNNING, then start the attempt and ack. Holds a slot."""
         try:
-            started = await db.retrying(
-                lambda: executions.start(
-                    self.pool, execution_id=dispatch.execution_id, attempt=dispatch.attempt,
-                    dispatch=dispatch.dispatch, worker_id=self.id,
-                ),
-                deadline_s=DB_RETRY_DEADLINE_S, what="start attempt",
-            )
+            started = await self._starts.submit(token)
         except Exception as exc:
             self._slots.release()
-            log.error("could not start %s: %s", dispatch.execution_id, describe(exc))
+            log.error("could not start %s: %s", token.id, describe(exc))
             await _settle(message, ack=False)
             return
         if started is None:
             self._slots.release()
-            FENCED_WRITES.labels("start").inc()
-            self._reject_bad(message, "stale", f"execution {dispatch.execution_id} "
-                             f"attempt {dispatch.attempt} dispatch {dispatch.dispatch}")
-            await _settle(message, ack=False)
+            count_moves("start", [], attempted=1)
+            await self._reject_bad(message, "stale", f"execution {token.id} attempt "
+                                   f"{token.attempt} dispatch {token.dispatch}")
             return
         # RUNNING is committed: from here Postgres owns the attempt, not the broker.
-        task = asyncio.create_task(
-            self._run_attempt(started, dispatch.dispatch), name=f"attempt-{started.id}"
-        )
-        self.running[started.id] = Running(started.id, started.attempt, task)
+        task = asyncio.create_task(self._run_attempt(started), name=f"attempt-{started.id}")
+        self.running[started.id] = Running(token, task)
         WORKER_IN_FLIGHT.set(len(self.running))
         task.add_done_callback(lambda _: self._attempt_done(started.id))
-        TRANSITIONS.labels("SCHEDULED", "RUNNING", "started").inc()
+        count_moves("start", [Moved(ExecutionStatus.SCHEDULED, ExecutionStatus.RUNNING,
+                                    Reason.STARTED)])
         if message.timestamp is not None:
             SCHEDULE_TO_START.observe(max(0.0, time.time() - message.timestamp.timestamp()))
         await _settle(message, ack=True)
 
-    async def _take_slot(self) -> bool:
-        """Wait for a free slot; False if the worker starts draining (or is short of
+    async def _take_slot(self) -> Reason | None:
+        """Wait for a free slot; or why not: the worker started draining (or is short of
         memory) first."""
-        if self.draining.is_set() or self._gate.under_pressure:
-            return False
+        if self.draining.is_set():
+            return Reason.REFUSED_DRAINING
+        if self._gate.under_pressure:
+            return Reason.REFUSED_MEMORY
         acquire = asyncio.ensure_future(self._slots.acquire())
         drain = asyncio.ensure_future(self.draining.wait())
         await asyncio.wait({acquire, drain}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         if not acquire.done():
             acquire.cancel()
-            return False
+            return Reason.REFUSED_DRAINING
         if self.draining.is_set():
             self._slots.release()
-            return False
-        return True
+            return Reason.REFUSED_DRAINING
+        return None
+
+    async def _give_back(
+        self, message: AbstractIncomingMessage, token: Dispatch, why: Reason
+    ) -> None:
+        """Hand an unstarted delivery back for another worker at once, without counting
+        it as a delivery: REQUESTED again in Postgres, then ack. If the database can't
+        be reached, reject it: the dead-letter exchange takes it to the executor."""
+        try:
+            moves = await executions.release_dispatches(
+                self.pool, [token], reason=why, actor=f"worker:{self.id}")
+        except Exception as exc:
+            log.warning("could not give back %s (%s): %s", token.id, why, describe(exc))
+            await _settle(message, ack=False)
+            return
+        count_moves("give_back", moves, attempted=1)
+        await _settle(message, ack=True)
 
     def _attempt_done(self, execution_id: uuid.UUID) -> None:
         self.running.pop(execution_id, None)
         self._slots.release()
         WORKER_IN_FLIGHT.set(len(self.running))
 
-    def _reject_bad(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
+    async def _reject_bad(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
+        """Count and set aside a delivery this worker cannot use: rejected without requeue,
+        the dead-letter exchange takes it to the executors."""
         BAD_MESSAGES.labels("worker", kind).inc()
         self._bad_log.log(logging.WARNING, f"bad_message:{kind}",
                           "rejected %s message %s: %s", kind, message.message_id, detail)
+        await _settle(message, ack=False)
+
+    # ---- grouped writes ----------------------------------------------------------------
+
+    async def _write_starts(self, tokens: list[Dispatch]) -> list[Started | None]:
+        BATCH_SIZE.labels("start").observe(len(tokens))
+        started = await db.retrying(lambda: executions.start(self.pool, tokens, self.id),
+                                    deadline_s=DB_RETRY_DEADLINE_S, what="start attempts")
+        by_id = {s.id: s for s in started}
+        return [by_id.get(t.id) for t in tokens]
+
+    async def _write_ends(self, ended: list[Ended]) -> list[Moved | None]:
+        BATCH_SIZE.labels("end").observe(len(ended))
+        moved = await db.retrying(lambda: executions.end_attempts(self.pool, ended, self.id),
+                                  deadline_s=DB_RETRY_DEADLINE_S, what="record outcomes")
+        return [moved.get(e.id) for e in ended]
 
     # ---- one attempt -----------------------------------------------------------------
 
-    async def _run_attempt(self, started: executions.Started, dispatch: int) -> None:
+    async def _run_attempt(self, started: Started) -> None:
         began = time.monotonic()
-        if started.attempt == 1 and started.checkpoint is not None:
-            # A first attempt must start from nothing (seed 004): this is a bug, loudly.
-            outcome = runtimes.Outcome(False, error={
-                "kind": "bug", "message": "first attempt carries a checkpoint"})
+        spec = self.offered.get(started.action)
+        assert self._runtimes is not None
+        bug = _broken_resume(started, spec)
+        if bug is not None:
+            outcome = runtimes.failed(ErrorKind.BUG, bug)
         else:
             try:
-                outcome = await runtimes.run(
+                outcome = await self._runtimes.run(
                     runtimes.Attempt(str(started.id), started.action, started.params,
-                                     started.attempt, started.checkpoint),
-                    forkserver=self._forkserver,
-                    tail_bytes=self.settings.output_tail_bytes,
+                                     started.attempt, started.checkpoint,
+                                     self._memory_limit(spec)),
                     on_checkpoint=lambda data: self._save_checkpoint(started, data),
                 )
             except asyncio.CancelledError:
-                await asyncio.shield(self._on_cancelled(started, dispatch))
+                await asyncio.shield(self._on_cancelled(started))
                 return
         RUN_TIME.labels(started.action, outcome.reason).observe(time.monotonic() - began)
-        await asyncio.shield(self._record(started, dispatch, outcome))
+        await asyncio.shield(self._end(Ended(
+            started.id, started.attempt, started.dispatch,
+            ExecutionStatus.SUCCEEDED if outcome.ok else ExecutionStatus.FAILED,
+            result=outcome.result, error=outcome.error,
+            retry_delay_s=None if outcome.ok else self._retry_delay(started.attempt),
+            usage=outcome.usage)))
 
-    async def _record(
-        self, started: executions.Started, dispatch: int, outcome: runtimes.Outcome
-    ) -> None:
-        retry_delay = self._retry_delay(started.attempt) if outcome.retryable else None
-        status = ExecutionStatus.SUCCEEDED if outcome.ok else ExecutionStatus.FAILED
-        await self._finish(_token(started, dispatch), status, retry_delay, outcome.result,
-                           outcome.error, outcome.reason)
+    def _memory_limit(self, spec: actions.ActionSpec | None) -> int | None:
+        declared = spec.memory_limit_mb if spec is not None else None
+        return _bytes(declared or self.settings.attempt_memory_limit_mb)
 
-    async def _on_cancelled(self, started: executions.Started, dispatch: int) -> None:
+    async def _on_cancelled(self, started: Started) -> None:
         r = self.running.get(started.id)
         if r is None or r.cancel_reason != "shutdown":
             return  # not ours any more: whoever moved it owns the outcome
-        error = {"kind": "worker_shutdown",
-                 "message": f"not finished within the {self.settings.shutdown_grace_s:g}s "
-                            "shutdown grace; killed"}
-        await self._finish(_token(started, dispatch), ExecutionStatus.FAILED, 0.0, None, error,
-                           "worker_shutdown")
+        await self._end(Ended(
+            started.id, started.attempt, started.dispatch, ExecutionStatus.FAILED,
+            error=AttemptError(
+                kind=ErrorKind.WORKER_SHUTDOWN,
+                message=f"not finished within the {self.settings.shutdown_grace_s:g}s "
+                        "shutdown grace; killed"),
+            retry_delay_s=0.0))
 
-    async def _finish(
-        self, token: DispatchMessage, status: ExecutionStatus, retry_delay: float | None,
-        result: Any, error: Any, reason: str,
-    ) -> None:
+    async def _end(self, ended: Ended) -> None:
         """Record an attempt's outcome, fenced by its token."""
         try:
-            new_status = await db.retrying(
-                lambda: executions.finish(
-                    self.pool, execution_id=token.execution_id, attempt=token.attempt,
-                    dispatch=token.dispatch, worker_id=self.id, status=status,
-                    retry_delay_s=retry_delay, result=result, error=error, reason=reason,
-                ),
-                deadline_s=DB_RETRY_DEADLINE_S, what="record outcome",
-            )
+            moved = await self._ends.submit(ended)
         except Exception as exc:
             log.error("could not record the outcome of %s: %s; it will be released as "
-                      "orphaned", token.execution_id, describe(exc))
+                      "orphaned", ended.id, describe(exc))
             return
-        if new_status is None:
-            FENCED_WRITES.labels("finish").inc()
-            log.debug("outcome of %s attempt %d fenced out", token.execution_id, token.attempt)
-            return
-        TRANSITIONS.labels("RUNNING", new_status, reason).inc()
+        if count_moves("finish", [moved] if moved else [], attempted=1) == 0:
+            log.debug("outcome of %s attempt %d fenced out", ended.id, ended.attempt)
 
-    async def _save_checkpoint(self, started: executions.Started, data: Any) -> None:
+    async def _save_checkpoint(self, started: Started, data: Any) -> None:
         saved = await executions.save_checkpoint(
             self.pool, execution_id=started.id, attempt=started.attempt, worker_id=self.id,
             checkpoint=data,
         )
-        if not saved:
-            FENCED_WRITES.labels("checkpoint").inc()
+        count_moves("checkpoint", [], attempted=0 if saved else 1)
 
     def _retry_delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
         ceiling = min(self.settings.retry_max_delay_s,
                       self.settings.retry_base_delay_s * 2 ** (attempt - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _broken_resume(started: Started, spec: actions.ActionSpec | None) -> str | None:
+    """The guards of seed 004: a first attempt starts from nothing, and a resumable
+    action's retry resumes from what an earlier attempt saved. Either broken is a bug in
+    Vigil, failed loudly rather than run from the wrong place."""
+    if started.attempt == 1 and started.checkpoint is not None:
+        return "first attempt carries a checkpoint"
+    if (spec is not None and spec.resumable and started.checkpoint is None
+            and started.checkpoint_attempt is not None):
+        return (f"attempt {started.attempt} would start over: attempt "
+                f"{started.checkpoint_attempt} saved a checkpoint that is missing")
+    return None
+
+
+def _bytes(mb: int | None) -> int | None:
+    return None if mb is None else mb * 2**20
 
 
 async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
@@ -419,7 +494,3 @@ async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
     except Exception as exc:
         log.info("could not %s delivery %s: %s", "ack" if ack else "reject",
                  message.message_id, describe(exc))
-
-
-def _token(started: executions.Started, dispatch: int) -> DispatchMessage:
-    return DispatchMessage(execution_id=started.id, attempt=started.attempt, dispatch=dispatch)

@@ -1,13 +1,15 @@
-"""The zygote: a process that has imported the worker's actions once and forks one
-child per python attempt.
+"""The zygote: a process that has imported the worker's actions once and forks the
+worker's python children from that warm state.
 
 Forking a warm interpreter costs milliseconds where starting a fresh one costs tens
-of them, and each attempt still gets a process of its own: an OOM kill or a segfault
-takes that child, never the worker. The zygote dies with the worker, and each child
-dies with the zygote (PR_SET_PDEATHSIG), so no attempt outlives its worker.
+of them. Each child is long-lived (services/worker/pool.py runs attempt after attempt
+in it, and recycles it) and is a process of its own: an OOM kill or a segfault takes
+that child, never the worker. The zygote dies with the worker, and each child dies with
+the zygote (PR_SET_PDEATHSIG), so no attempt outlives its worker.
 
 Protocol on the SOCK_SEQPACKET socket given as argv[1] (one JSON message per packet):
-worker -> zygote  {"id": n} with three fds: job (read), protocol (write), stderr (write)
+worker -> zygote  {"id": n} with two fds: the child's end of its channel (a socket the
+                  child reads jobs from and writes results to) and its stderr (write)
 zygote -> worker  {"id": n, "pid": pid} once forked; {"pid": pid, "exit": code} once
 reaped (code < 0: killed by that signal).
 """
@@ -21,13 +23,14 @@ import signal
 import socket
 import sys
 
-from services.worker import child, registry
+from common import actions
+from services.worker import child
 from services.worker.pdeathsig import die_with_parent
 
 
 def main(sock_fd: int, modules: list[str]) -> None:
     die_with_parent()
-    registry.load(modules)
+    actions.load(modules)
     sock = socket.socket(fileno=sock_fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -41,7 +44,10 @@ def main(sock_fd: int, modules: list[str]) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                message, fds, _, _ = socket.recv_fds(sock, 4096, 3)
+                try:
+                    message, fds, _, _ = socket.recv_fds(sock, 4096, 2)
+                except ConnectionError:
+                    return  # the worker is gone
                 if not message:
                     return  # the worker is gone
                 request = json.loads(message)
@@ -51,7 +57,7 @@ def main(sock_fd: int, modules: list[str]) -> None:
                     sock.close()
                     os.close(wake_r)
                     os.close(wake_w)
-                    _child(*fds)
+                    _become_child(*fds)
                 for fd in fds:
                     os.close(fd)
                 sock.send(json.dumps({"id": request["id"], "pid": pid}).encode())
@@ -71,8 +77,8 @@ def _reap(sock: socket.socket) -> None:
         sock.send(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}).encode())
 
 
-def _child(job_fd: int, protocol_fd: int, stderr_fd: int) -> None:
-    """In the forked child: become an attempt process, run the job, exit."""
+def _become_child(channel_fd: int, stderr_fd: int) -> None:
+    """In the forked child: serve attempts until the worker closes the channel."""
     code = 0
     try:
         os.setsid()  # its own process group, so a kill takes what it spawns too
@@ -82,10 +88,8 @@ def _child(job_fd: int, protocol_fd: int, stderr_fd: int) -> None:
             signal.signal(signum, signal.SIG_DFL)
         os.dup2(stderr_fd, 1)  # the action's prints land on stderr
         os.dup2(stderr_fd, 2)
-        with os.fdopen(job_fd) as f:
-            job = json.load(f)
-        with os.fdopen(protocol_fd, "w") as protocol:
-            child.run_job(job, protocol)
+        os.close(stderr_fd)
+        child.serve(socket.socket(fileno=channel_fd))
     except BaseException:
         code = 1
     finally:

@@ -3,7 +3,7 @@ and the four promises of the brief checked against it and the database."""
 
 from __future__ import annotations
 
-from common.models import TERMINAL
+from common.state_machine import TERMINAL
 from tests.harness import Env, wait_until
 
 

@@ -7,9 +7,9 @@ import asyncio
 import signal
 import time
 
-from services.executor.dispatcher import FAULT_ENV
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, record_load
+from tests.faults import EXIT_AFTER_COMMIT_CODE
 from tests.harness import Env, wait_until
 
 
@@ -20,10 +20,11 @@ async def test_executor_killed_between_commit_and_publish_is_recovered_by_the_mo
     env.worker("w1", capacity=4)
     await env.live_workers(1)
     ids = await record_load(env, 5, seconds=0)
-    doomed = env.executor("doomed", **{FAULT_ENV: "exit-after-commit"})
+    doomed = env.start("exit-after-commit", name="doomed", module="tests.faults",
+                       VIGIL_EXECUTOR_NAME="doomed")
     code = await asyncio.to_thread(doomed.wait, 30)
     died_at = time.monotonic()
-    assert code == 97, doomed.log()[-2000:]
+    assert code == EXIT_AFTER_COMMIT_CODE, doomed.log()[-2000:]
     orphans = await env.pool.fetchval(
         "SELECT count(*) FROM executions WHERE id = ANY($1) AND status = 'SCHEDULED'", ids)
     assert orphans > 0  # committed SCHEDULED, never published
@@ -49,7 +50,8 @@ async def test_a_lost_commit_reply_publishes_what_committed_without_waiting_for_
     await env.live_workers(1)
     ids = await record_load(env, 5, seconds=0)
     began = time.monotonic()
-    unlucky = env.executor("unlucky", **{FAULT_ENV: "lose-commit-reply"})
+    unlucky = env.start("lose-commit-reply", name="unlucky", module="tests.faults",
+                        VIGIL_EXECUTOR_NAME="unlucky")
     await env.all_terminal(ids, timeout=20)
     recovery = time.monotonic() - began
     assert "dispatch commit reply lost: 5 of 5 dispatches had committed" in unlucky.log()

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from common.models import ExecutionStatus
+from common.state_machine import ExecutionStatus
 from tests.drills.conftest import DrillResult
 from tests.drills.support import check_promises, in_state_on, record_load, worker_id
 from tests.harness import Env, deaf_worker, get, wait_until

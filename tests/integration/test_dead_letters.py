@@ -8,7 +8,7 @@ import aio_pika
 from common import broker
 from common.config import BrokerRole
 from common.db import executions
-from common.models import ExecutionStatus
+from common.state_machine import ExecutionStatus
 from tests.harness import Env, deaf_worker
 
 

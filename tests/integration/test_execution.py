@@ -8,7 +8,8 @@ import aio_pika
 from common import broker
 from common.config import BrokerRole
 from common.db import executions
-from common.models import ExecutionStatus
+from common.db.executions import Dispatch, Ended
+from common.state_machine import ExecutionStatus
 from tests.harness import Env, wait_until
 
 
@@ -128,24 +129,22 @@ async def test_a_fenced_update_with_a_stale_token_changes_nothing(env: Env):
     await env.pool.execute(
         "UPDATE executions SET status = 'SCHEDULED', worker_id = 'w-a', dispatches = 1 "
         "WHERE id = $1", eid)
-    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
-                                  worker_id="w-b") is None  # wrong worker
-    assert await executions.start(env.pool, execution_id=eid, attempt=2, dispatch=1,
-                                  worker_id="w-a") is None  # wrong attempt
-    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
-                                  worker_id="w-a") is not None
+
+    async def start(attempt: int, worker: str) -> list:
+        return await executions.start(env.pool, [Dispatch(eid, attempt, 1, "w-a")], worker)
+
+    assert await start(1, "w-b") == []  # wrong worker
+    assert await start(2, "w-a") == []  # wrong attempt
+    assert len(await start(1, "w-a")) == 1
     # The same token again (a retry after a lost reply) gets the row, and records nothing.
-    assert await executions.start(env.pool, execution_id=eid, attempt=1, dispatch=1,
-                                  worker_id="w-a") is not None
+    assert len(await start(1, "w-a")) == 1
     assert await env.pool.fetchval(
         "SELECT count(*) FROM execution_history WHERE execution_id = $1 "
         "AND to_status = 'RUNNING'", eid) == 1
     before = await executions.get(env.pool, eid)
-    stale = await executions.finish(
-        env.pool, execution_id=eid, attempt=1, dispatch=1, worker_id="w-b",
-        status=ExecutionStatus.SUCCEEDED, retry_delay_s=None, result={"x": 1}, error=None,
-        reason="succeeded")
-    assert stale is None
+    stale = await executions.end_attempts(
+        env.pool, [Ended(eid, 1, 1, ExecutionStatus.SUCCEEDED, result={"x": 1})], "w-b")
+    assert stale == {}
     assert await executions.get(env.pool, eid) == before
 
 

@@ -4,7 +4,7 @@ import os
 import time
 
 from common.db import executions
-from common.models import ExecutionStatus
+from common.state_machine import ExecutionStatus
 from tests.harness import Env, wait_until
 
 

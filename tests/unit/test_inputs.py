@@ -1,15 +1,12 @@
-import json
-
 import pytest
 
 from common.errors import InvalidInput
 from services.cli.inputs import (
     parse_cadence,
     parse_duration,
-    parse_execution_id,
-    parse_name,
     parse_params,
     parse_runtimes,
+    parse_time,
 )
 
 MiB = 1_048_576
@@ -42,23 +39,25 @@ def test_bad_params_name_the_problem(pairs, params_json, message) -> None:
         parse_params(pairs, params_json, MiB)
 
 
-def test_params_over_the_limit_are_refused() -> None:
-    big = json.dumps({"blob": "x" * MiB})
-    with pytest.raises(InvalidInput, match="over the limit"):
-        parse_params([], big, MiB)
+def test_params_nested_too_deep_for_json_are_refused_not_a_traceback() -> None:
+    deep = "[" * 10_000 + "]" * 10_000
+    with pytest.raises(InvalidInput, match="nested too deep"):
+        parse_params([], '{"a": ' + deep + "}", MiB)
+    with pytest.raises(InvalidInput, match="nested too deep"):
+        parse_params([f"a={deep}"], None, MiB)
 
 
-def test_action_and_ids_and_runtimes() -> None:
-    assert parse_name("demo.add", "action", 200) == "demo.add"
-    with pytest.raises(InvalidInput, match="action name is empty"):
-        parse_name("  ", "action", 200)
-    with pytest.raises(InvalidInput, match="schedule name is over 200"):
-        parse_name("a" * 201, "schedule", 200)
-    with pytest.raises(InvalidInput, match="not an execution id"):
-        parse_execution_id("nope")
+def test_runtimes() -> None:
     assert parse_runtimes("shell, python", ("shell", "python")) == ["shell", "python"]
     with pytest.raises(InvalidInput, match="--runtime"):
         parse_runtimes("shell,ruby", ("shell", "python"))
+
+
+def test_times_need_a_zone() -> None:
+    assert parse_time("2026-12-01T09:00:00Z", "--at").isoformat() == "2026-12-01T09:00:00+00:00"
+    for text, message in [("tomorrow", "expected a time"), ("2026-12-01T09:00:00", "zone")]:
+        with pytest.raises(InvalidInput, match=message):
+            parse_time(text, "--at")
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1.5h", 5400),

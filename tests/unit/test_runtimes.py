@@ -1,4 +1,4 @@
-"""The runtimes run real child processes; no servers are needed."""
+"""The runtimes run real child processes (a real zygote and pool); no servers needed."""
 
 import asyncio
 import os
@@ -7,54 +7,68 @@ import time
 import pytest
 
 from services.worker.forkserver import ForkServer
-from services.worker.runtimes import Attempt, Outcome, run
+from services.worker.pool import ChildPool
+from services.worker.runtimes import Attempt, Outcome, Runtimes
+from tests.harness import wait_until
 
-FORKSERVER: ForkServer | None = None
+RUNTIMES: Runtimes | None = None
 
 
 @pytest.fixture(scope="module", autouse=True)
-async def forkserver():
-    global FORKSERVER
-    FORKSERVER = ForkServer(["examples.actions"])
-    await FORKSERVER.start()
-    yield FORKSERVER
-    await FORKSERVER.close()
+async def runtimes():
+    global RUNTIMES
+    forkserver = ForkServer(["examples.actions"])
+    await forkserver.start()
+    pool = ChildPool(forkserver, 2, max_attempts_per_child=1000, recycle_rss_bytes=None,
+                     tail_bytes=64)
+    await pool.start()
+    RUNTIMES = Runtimes(pool, tail_bytes=64, checkpoint_limit_bytes=1024)
+    yield RUNTIMES
+    await pool.close()
+    await forkserver.close()
 
 
-async def attempt(action: str, params, checkpoint=None, n: int = 1) -> Outcome:
+async def attempt(action: str, params, checkpoint=None, n: int = 1,
+                  memory_limit_bytes: int | None = None) -> Outcome:
     saved = []
 
     async def on_checkpoint(data) -> None:
         saved.append(data)
 
-    outcome = await run(Attempt("e-1", action, params, n, checkpoint), forkserver=FORKSERVER,
-                        tail_bytes=64, on_checkpoint=on_checkpoint)
+    assert RUNTIMES is not None
+    outcome = await RUNTIMES.run(
+        Attempt("e-1", action, params, n, checkpoint, memory_limit_bytes), on_checkpoint)
     attempt.saved = saved  # type: ignore[attr-defined]
     return outcome
 
 
-async def test_python_result_round_trips() -> None:
+async def test_python_result_round_trips_with_what_it_used() -> None:
     outcome = await attempt("demo.add", {"a": 2, "b": 40})
-    assert outcome == Outcome(True, result={"sum": 42})
+    assert (outcome.ok, outcome.result) == (True, {"sum": 42})
+    assert outcome.usage is not None
+    assert outcome.usage["peak_rss_bytes"] > 1_000_000 and outcome.usage["wall_s"] >= 0
 
 
 async def test_python_exception_is_recorded_with_type_message_and_traceback() -> None:
     outcome = await attempt("demo.fail", {"message": "boom"})
-    assert not outcome.ok and outcome.retryable
-    assert outcome.error["type"] == "ValueError"
-    assert outcome.error["message"] == "boom"
-    assert "Traceback" in outcome.error["traceback"]
+    assert not outcome.ok and outcome.error.retryable
+    error = outcome.error.as_json()
+    assert (error["kind"], error["type"], error["message"]) == ("action_error", "ValueError",
+                                                                "boom")
+    assert "Traceback" in error["traceback"]
 
 
 async def test_a_child_killed_like_an_oom_is_a_failure_not_a_crash_of_ours() -> None:
     outcome = await attempt("demo.crash", {})
-    assert outcome.error["kind"] == "killed"
-    assert "SIGKILL" in outcome.error["message"]
+    assert (outcome.error.kind, outcome.error.as_json()["signal"]) == ("killed", "SIGKILL")
+    assert "SIGKILL" in outcome.error.message
+    # The pool replaced the dead child: the next attempt runs as usual.
+    assert (await attempt("demo.add", {"a": 1, "b": 1})).result == {"sum": 2}
 
 
 async def test_unknown_python_action_is_never_retried() -> None:
     outcome = await attempt("demo.nope", {})
-    assert outcome.error["kind"] == "unknown_action" and not outcome.retryable
+    assert outcome.error.kind == "unknown_action" and not outcome.error.retryable
 
 
 async def test_checkpoints_reach_the_parent_and_resume() -> None:
@@ -87,7 +101,7 @@ async def test_shell_env_and_cwd(tmp_path) -> None:
 ])
 async def test_shell_failures_say_why(params, kind) -> None:
     outcome = await attempt("shell", params)
-    assert not outcome.ok and outcome.error["kind"] == kind
+    assert not outcome.ok and outcome.error.kind == kind
 
 
 @pytest.mark.parametrize(("action", "params"), [
@@ -104,16 +118,46 @@ async def test_cancelling_an_attempt_kills_its_child_quickly(action, params) -> 
     assert time.monotonic() - began < 2
 
 
-async def test_each_python_attempt_runs_in_a_process_of_its_own(tmp_path) -> None:
+async def test_python_attempts_run_in_pooled_children_not_in_the_worker(tmp_path) -> None:
     first = await attempt("demo.record", {"dir": str(tmp_path), "seconds": 0})
     second = await attempt("demo.record", {"dir": str(tmp_path), "seconds": 0}, n=2)
     assert first.ok and second.ok
-    assert len({first.result["pid"], second.result["pid"], os.getpid()}) == 3
+    assert os.getpid() not in {first.result["pid"], second.result["pid"]}
+    assert {first.result["pid"], second.result["pid"]} <= set(RUNTIMES.pool.pids)
 
 
-async def test_the_zygote_is_replaced_if_it_dies(forkserver: ForkServer) -> None:
+async def test_what_an_attempt_prints_is_its_own(tmp_path) -> None:
+    noisy = await attempt("demo.fail", {"message": "boom"})
+    assert noisy.error.as_json()["stderr"] == ""
+    printed = await attempt("shell", {"argv": ["sh", "-c", "echo one >&2; exit 3"]})
+    assert printed.error.as_json()["stderr"] == "one\n"
+
+
+async def test_a_checkpoint_over_the_limit_fails_the_attempt_clearly() -> None:
+    outcome = await attempt("demo.big_checkpoint", {"bytes": 2000})
+    assert outcome.error.kind == "checkpoint_too_large" and not outcome.error.retryable
+    assert "over the limit of 1024 bytes" in outcome.error.message
+
+
+async def test_an_attempt_over_its_memory_limit_is_stopped_and_the_pool_goes_on() -> None:
+    outcome = await attempt("demo.hog", {"mib": 1024}, memory_limit_bytes=64 * 2**20)
+    assert outcome.error.kind == "memory_limit", outcome.error
+    assert (await attempt("demo.add", {"a": 1, "b": 2})).result == {"sum": 3}
+
+
+async def test_the_zygote_is_replaced_if_it_dies(runtimes: Runtimes) -> None:
+    forkserver = runtimes.pool._forkserver
     old = forkserver.zygote_pid
     assert old is not None
     os.kill(old, 9)
-    assert (await attempt("demo.add", {"a": 1, "b": 2})).result == {"sum": 3}
-    assert forkserver.zygote_pid not in (None, old)
+
+    # Its children die with it (an attempt caught there fails as killed); the pool
+    # forks new ones from a new zygote and carries on.
+    async def recovered() -> bool:
+        outcome = await attempt("demo.add", {"a": 1, "b": 2})
+        assert outcome.ok or outcome.error.kind == "killed", outcome
+        return outcome.ok and forkserver.zygote_pid not in (None, old)
+
+    await wait_until(recovered, timeout=10, what="the pool to recover on a new zygote")
+    for n in range(4):
+        assert (await attempt("demo.add", {"a": n, "b": 2})).result == {"sum": n + 2}

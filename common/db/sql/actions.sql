@@ -2,9 +2,8 @@
 
 -- name: upsert
 -- A worker declares the actions it offers; the latest declaration wins.
--- $1 names, $2 max_attempts, $3 timeout_s
 INSERT INTO actions (name, max_attempts, timeout_s)
-SELECT * FROM unnest($1::text[], $2::int[], $3::int[])
+SELECT * FROM unnest(:names::text[], :max_attempts::int[], :timeouts_s::int[])
 ON CONFLICT (name) DO UPDATE
 SET max_attempts = excluded.max_attempts, timeout_s = excluded.timeout_s, updated_at = now()
 WHERE (actions.max_attempts, actions.timeout_s)

@@ -1,54 +1,50 @@
 -- Every query on workers. Liveness is judged by database time only.
 
 -- name: register
--- $1 id, $2 name, $3 hostname, $4 pid, $5 runtimes, $6 actions, $7 capacity
 INSERT INTO workers (id, name, hostname, pid, status, runtimes, actions, capacity)
-VALUES ($1, $2, $3, $4, 'ACTIVE', $5, $6, $7)
+VALUES (:id, :name, :hostname, :pid, 'ACTIVE', :runtimes, :actions, :capacity)
 RETURNING *;
 
 -- name: heartbeat
 -- A worker the executor gave up on (LOST) that is alive after all becomes ACTIVE again:
 -- its old attempts are fenced out by their tokens, so it can safely take new work.
--- $1 id, $2 memory bytes, $3 memory limit bytes, $4 memory pressure
 UPDATE workers
-SET last_heartbeat_at = now(), memory_bytes = $2, memory_limit_bytes = $3,
-    memory_pressure = $4,
+SET last_heartbeat_at = now(), memory_bytes = :memory_bytes,
+    memory_limit_bytes = :memory_limit_bytes, memory_pressure = :memory_pressure,
     status = CASE WHEN status = 'LOST' THEN 'ACTIVE' ELSE status END,
     status_reason = CASE WHEN status = 'LOST' THEN 'heartbeat resumed' ELSE status_reason END
-WHERE id = $1 AND status IN ('ACTIVE', 'DRAINING', 'LOST')
+WHERE id = :id AND status IN ('ACTIVE', 'DRAINING', 'LOST')
 RETURNING status;
 
 -- name: set_status
--- $1 id, $2 new status, $3 reason
 UPDATE workers
-SET status = $2, status_reason = $3,
-    stopped_at = CASE WHEN $2 IN ('INACTIVE', 'LOST') THEN now() ELSE stopped_at END
-WHERE id = $1
+SET status = :status, status_reason = :reason,
+    stopped_at = CASE WHEN :status IN ('INACTIVE', 'LOST') THEN now() ELSE stopped_at END
+WHERE id = :id
 RETURNING status;
 
 -- name: eligible
 -- Workers that may take work now, with their free slots. Run after lock_active, as its
--- own statement, so that it sees what the previous round committed. $1 stale after s
+-- own statement, so that it sees what the previous round committed.
 SELECT w.id, w.actions,
        w.capacity - (SELECT count(*) FROM executions e
                      WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING'))
            AS free_slots
 FROM workers w
 WHERE w.status = 'ACTIVE' AND NOT w.memory_pressure
-  AND w.last_heartbeat_at > now() - make_interval(secs => $1::float8)
+  AND w.last_heartbeat_at > now() - make_interval(secs => :stale_after_s)
 ORDER BY w.id;
 
 -- name: offers_action
--- Whether any worker that is not gone offers an action. $1 action
+-- Whether any worker that is not gone offers an action.
 SELECT EXISTS (
-    SELECT 1 FROM workers WHERE status IN ('ACTIVE', 'DRAINING') AND $1 = ANY (actions)
+    SELECT 1 FROM workers WHERE status IN ('ACTIVE', 'DRAINING') AND :action = ANY (actions)
 );
 
 -- name: list
--- $1 stale after seconds
 SELECT w.*,
        extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
-       w.last_heartbeat_at <= now() - make_interval(secs => $1::float8) AS stale,
+       w.last_heartbeat_at <= now() - make_interval(secs => :stale_after_s) AS stale,
        (SELECT count(*) FROM executions e
         WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING')) AS in_flight
 FROM workers w
@@ -60,19 +56,18 @@ ORDER BY w.status = 'INACTIVE', w.name, w.started_at DESC;
 SELECT id FROM workers WHERE status = 'ACTIVE' ORDER BY id FOR UPDATE;
 
 -- name: mark_lost
--- A worker whose connection closed without a clean shutdown. $1 id, $2 reason
+-- A worker whose connection closed without a clean shutdown.
 UPDATE workers
-SET status = 'LOST', status_reason = $2, stopped_at = now()
-WHERE id = $1 AND status IN ('ACTIVE', 'DRAINING')
+SET status = 'LOST', status_reason = :reason, stopped_at = now()
+WHERE id = :id AND status IN ('ACTIVE', 'DRAINING')
 RETURNING id;
 
 -- name: mark_stale_lost
 -- Heartbeat backstop: workers silent for longer than the staleness window.
--- $1 stale after s
 UPDATE workers
 SET status = 'LOST', status_reason = 'heartbeat stale', stopped_at = now()
 WHERE status IN ('ACTIVE', 'DRAINING')
-  AND last_heartbeat_at <= now() - make_interval(secs => $1::float8)
+  AND last_heartbeat_at <= now() - make_interval(secs => :stale_after_s)
 RETURNING id;
 
 -- name: count_by_status

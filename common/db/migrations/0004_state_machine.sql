@@ -1,0 +1,94 @@
+-- The rules every transition shares, written once as SQL functions that the queries in
+-- common/db/sql/executions.sql call (common/state_machine.py holds the vocabulary and
+-- the table of allowed transitions). To change a rule, replace its function in a new
+-- migration. Also: what attempts use and how they ended (seed 003), where checkpoints
+-- came from (seed 004), and a dispatch wake-up only when there is something to dispatch.
+
+-- How many of its attempts were killed (by a signal, their memory cap or the loss of
+-- their worker): an execution whose every attempt was killed is a poison pill.
+ALTER TABLE executions ADD COLUMN killed_attempts integer NOT NULL DEFAULT 0
+    CHECK (killed_attempts >= 0);
+-- The attempt that saved the current checkpoint (NULL: none was ever saved). A retry of
+-- a resumable action that finds this set but no checkpoint is a bug, caught loudly.
+ALTER TABLE executions ADD COLUMN checkpoint_attempt integer;
+-- What the attempt a transition ended used: peak RSS, CPU seconds, wall seconds.
+ALTER TABLE execution_history ADD COLUMN usage jsonb;
+
+-- An idempotency key is optional: only the rows that have one need the unique index.
+ALTER TABLE executions DROP CONSTRAINT executions_idempotency_key_key;
+CREATE UNIQUE INDEX executions_idempotency_key ON executions (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Retention deletes finished executions oldest first.
+CREATE INDEX executions_finished ON executions (finished_at)
+    WHERE status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'CANCELLED');
+-- History rows are deleted with their execution (by retention, which does both in one
+-- statement), so the foreign key's per-row check on every transition is dropped. The
+-- unique (execution_id, ...) constraint still finds an execution's history.
+ALTER TABLE execution_history DROP CONSTRAINT execution_history_execution_id_fkey;
+
+-- What an ended attempt leads to. `outcome` is the status it asks for (SUCCEEDED,
+-- FAILED, TIMED_OUT) and `ended_for` the reason to record. A failure that may be
+-- retried (the caller knows: common/state_machine.py NEVER_RETRY) gets another attempt
+-- while attempts are left: REQUESTED again, attempt + 1, its dispatch count reset, not
+-- before the backoff. Any other end is final; a FAILED one whose every attempt was
+-- killed (the caller knows: KILLED) is a poison pill and ends `poison` (seed 003).
+CREATE FUNCTION vigil_after_attempt(
+    e executions, outcome text, ended_for text, retryable boolean, killed boolean,
+    retry_delay_s float8)
+RETURNS TABLE (status text, reason text, attempt integer, dispatches integer,
+               unpublished integer, not_before timestamptz, finished_at timestamptz,
+               killed_attempts integer)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN again THEN 'REQUESTED' ELSE outcome END,
+           CASE WHEN NOT again AND outcome = 'FAILED' AND killed_now = e.attempt
+                THEN 'poison' ELSE ended_for END,
+           e.attempt + again::int,
+           CASE WHEN again THEN 0 ELSE e.dispatches END,
+           CASE WHEN again THEN 0 ELSE e.unpublished END,
+           CASE WHEN again THEN now() + make_interval(secs => coalesce(retry_delay_s, 0))
+                ELSE e.not_before END,
+           CASE WHEN again THEN NULL ELSE now() END,
+           killed_now
+    FROM (SELECT outcome = 'FAILED' AND retryable AND e.attempt < e.max_attempts AS again,
+                 e.killed_attempts + killed::int AS killed_now) AS decision
+$$;
+
+-- What a dispatch that never started leads to: back to REQUESTED for another one, or
+-- FAILED (`exhausted`) once the attempt has been delivered max_dispatches times. A
+-- dispatch that never reached a willing worker (`counted` false: the publish failed,
+-- or the worker gave it back while stopping or short of memory) does not count.
+CREATE FUNCTION vigil_after_dispatch(
+    e executions, counted boolean, max_dispatches integer, exhausted text, why text)
+RETURNS TABLE (status text, reason text, unpublished integer, finished_at timestamptz,
+               error jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN failed THEN 'FAILED' ELSE 'REQUESTED' END,
+           CASE WHEN failed THEN exhausted END,
+           e.unpublished + (NOT counted)::int,
+           CASE WHEN failed THEN now() END,
+           CASE WHEN failed THEN jsonb_build_object(
+               'kind', exhausted, 'message',
+               format('not started after %s dispatches; last: %s',
+                      e.dispatches - e.unpublished, why)) END
+    FROM (SELECT counted AND e.dispatches - e.unpublished >= max_dispatches AS failed) AS d
+$$;
+
+-- Wake the executors when there is something to dispatch: new work, or a slot freed by
+-- an execution leaving SCHEDULED or RUNNING. A start (SCHEDULED -> RUNNING) or a
+-- checkpoint changes neither, so it wakes nobody.
+DROP TRIGGER executions_wake_dispatch ON executions;
+
+CREATE FUNCTION notify_dispatch_if_due() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM changed WHERE status NOT IN ('SCHEDULED', 'RUNNING')) THEN
+        PERFORM pg_notify('vigil_dispatch', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER executions_wake_dispatch_on_insert
+    AFTER INSERT ON executions
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_dispatch();
+CREATE TRIGGER executions_wake_dispatch_on_update
+    AFTER UPDATE ON executions REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_dispatch_if_due();

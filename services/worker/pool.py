@@ -1,0 +1,248 @@
+"""A pool of long-lived python children, each running one attempt at a time.
+
+Forking a child for every attempt costs more than a short attempt itself, so the worker
+keeps `size` children forked from the zygote and hands each attempt to an idle one.
+Isolation stays: a crash, a leak or a kill takes one child, never the worker. A child
+that dies (or is killed: cancelled, timed out, over its memory limit) is replaced at
+once; one is retired after `max_attempts_per_child` attempts, or when its memory has
+grown past `recycle_rss_bytes` (as Celery's max_tasks_per_child / max_memory_per_child).
+A watchdog samples the RSS of children running an attempt with a memory limit and kills
+one that goes over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.metrics import POOL_CHILDREN_REPLACED
+from services.worker.forkserver import Child, ForkServer
+
+log = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+# How long to wait for an attempt's output after its result (it is normally already
+# there), or for a dead child's last output (a grandchild may hold its stderr open).
+OUTPUT_GRACE_S = 1.0
+
+OnCheckpoint = Callable[[Any], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """What one attempt in a pooled child came to."""
+
+    record: dict[str, Any] | None  # the child's result record; None if it died first
+    exit_code: int | None  # how it died, if it did (< 0: the signal)
+    stderr: str  # the tail of what the attempt printed
+    over_memory_limit: bool  # killed by the watchdog
+    peak_rss_bytes: int | None  # the watchdog's highest sample, if it watched
+    wall_s: float
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _PooledChild:
+    """One child, its output, and what the watchdog knows of its current attempt."""
+
+    def __init__(self, child: Child, tail_bytes: int) -> None:
+        self.child = child
+        self.marker = f"\x00vigil-attempt-end-{secrets.token_hex(8)}\x00"
+        self.attempts = 0
+        self._tail_bytes = tail_bytes
+        self._buffer = bytearray()
+        self._output = b""
+        self._marked = asyncio.Event()
+        self._pump = asyncio.create_task(self._read_stderr(), name=f"child-{child.pid}-stderr")
+        self.memory_limit: int | None = None
+        self.peak_rss: int | None = None
+        self.over_memory_limit = False
+
+    def begin(self, memory_limit: int | None) -> None:
+        self.attempts += 1
+        self.memory_limit, self.peak_rss, self.over_memory_limit = memory_limit, None, False
+        self._marked.clear()
+        self._output = b""
+
+    async def output(self) -> str:
+        """What the attempt printed: up to the marker the child writes before its result,
+        or up to the end if it died."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._marked.wait(), OUTPUT_GRACE_S)
+        out = self._output if self._marked.is_set() else bytes(self._buffer)
+        return out[-self._tail_bytes:].decode(errors="replace") if self._tail_bytes else ""
+
+    async def _read_stderr(self) -> None:
+        marker = self.marker.encode()
+        with contextlib.suppress(ConnectionError):
+            await self._pump_stderr(marker)
+
+    async def _pump_stderr(self, marker: bytes) -> None:
+        while chunk := await self.child.stderr.read(65536):
+            self._buffer += chunk
+            if marker in self._buffer:
+                before, _, after = bytes(self._buffer).partition(marker)
+                self._output, self._buffer = before, bytearray(after)
+                self._marked.set()
+            elif len(self._buffer) > self._tail_bytes + len(marker):
+                del self._buffer[:len(self._buffer) - self._tail_bytes - len(marker)]
+
+    async def close(self) -> None:
+        self.child.writer.close()
+        self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+
+
+class ChildPool:
+    def __init__(
+        self, forkserver: ForkServer, size: int, *, max_attempts_per_child: int,
+        recycle_rss_bytes: int | None, tail_bytes: int, watchdog_interval_s: float = 0.1,
+    ) -> None:
+        self._forkserver = forkserver
+        self._size = size
+        self._max_attempts = max_attempts_per_child
+        self._recycle_rss = recycle_rss_bytes
+        self._tail_bytes = tail_bytes
+        self._watchdog_interval_s = watchdog_interval_s
+        self._idle: list[_PooledChild] = []
+        self._busy: set[_PooledChild] = set()
+        self._available = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Fork every child; return once all are ready for an attempt."""
+        children = await asyncio.gather(*(self._forkserver.spawn() for _ in range(self._size)))
+        for child in children:
+            self._put(_PooledChild(child, self._tail_bytes))
+        self._watchdog = asyncio.create_task(self._watch_memory(), name="pool-watchdog")
+
+    @property
+    def pids(self) -> list[int]:
+        return [pc.child.pid for pc in (*self._idle, *self._busy)]
+
+    async def run(
+        self, job: dict[str, Any], *, memory_limit_bytes: int | None, on_checkpoint: OnCheckpoint,
+    ) -> ChildRun:
+        """Run one attempt in an idle child. Cancelling this kills the child."""
+        pc = await self._take()
+        began = time.monotonic()
+        pc.begin(memory_limit_bytes)
+        self._busy.add(pc)
+        try:
+            pc.child.writer.write(json.dumps(
+                {**job, "marker": pc.marker, "memory_limit_bytes": memory_limit_bytes}
+            ).encode() + b"\n")
+            record = await self._read_result(pc, on_checkpoint)
+        except BaseException:
+            pc.child.kill()
+            self._busy.discard(pc)
+            self._replace(pc, "killed")
+            raise
+        self._busy.discard(pc)
+        output = await pc.output()
+        if record is None:
+            code = await pc.child.wait()
+            self._replace(pc, "died")
+            return ChildRun(None, code, output, pc.over_memory_limit, pc.peak_rss,
+                            time.monotonic() - began)
+        if record.get("retire") or self._worn_out(pc):
+            self._replace(pc, "recycled")
+        else:
+            self._put(pc)
+        return ChildRun(record, None, output, False, None, time.monotonic() - began)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for pc in [*self._idle, *self._busy]:
+            await pc.close()
+        self._idle.clear()
+        await asyncio.gather(*self._tasks, self._watchdog or asyncio.sleep(0),
+                             return_exceptions=True)
+
+    async def _read_result(self, pc: _PooledChild, on_checkpoint: OnCheckpoint,
+                           ) -> dict[str, Any] | None:
+        """The child's result record, passing on its checkpoints; None if it died."""
+        try:
+            while line := await pc.child.reader.readline():
+                message = json.loads(line)
+                if message["type"] != "checkpoint":
+                    return message
+                await on_checkpoint(message["data"])
+        except ConnectionError:
+            pass
+        return None
+
+    def _worn_out(self, pc: _PooledChild) -> bool:
+        if pc.attempts >= self._max_attempts:
+            return True
+        rss = rss_bytes(pc.child.pid) if self._recycle_rss else None
+        return rss is not None and self._recycle_rss is not None and rss > self._recycle_rss
+
+    async def _take(self) -> _PooledChild:
+        while True:
+            while not self._idle:
+                self._available.clear()
+                await self._available.wait()
+            pc = self._idle.pop()
+            if not pc.child.exited.done():
+                return pc
+            self._replace(pc, "died")  # while idle
+
+    def _put(self, pc: _PooledChild) -> None:
+        self._idle.append(pc)
+        self._available.set()
+
+    def _replace(self, pc: _PooledChild, why: str) -> None:
+        """Let a child go (closing its channel ends it if it still lives) and fork a
+        new one in its place."""
+        POOL_CHILDREN_REPLACED.labels(why).inc()
+        task = asyncio.create_task(self._renew(pc), name=f"replace-child-{pc.child.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _renew(self, old: _PooledChild) -> None:
+        await old.close()
+        if self._closing:
+            return
+        try:
+            child = await self._forkserver.spawn()
+        except (OSError, RuntimeError) as exc:
+            # Without a child the slot stays empty; the next replacement tries again.
+            log.error("could not fork a python child: %s", exc, extra={"event": "fork_failed"})
+            return
+        self._put(_PooledChild(child, self._tail_bytes))
+
+    async def _watch_memory(self) -> None:
+        while True:
+            await asyncio.sleep(self._watchdog_interval_s)
+            for pc in list(self._busy):
+                if pc.memory_limit is None:
+                    continue
+                rss = rss_bytes(pc.child.pid)
+                if rss is None:
+                    continue
+                pc.peak_rss = max(pc.peak_rss or 0, rss)
+                if rss > pc.memory_limit and not pc.over_memory_limit:
+                    log.warning("child %d uses %d bytes, over its attempt's limit of %d: "
+                                "killing it", pc.child.pid, rss, pc.memory_limit,
+                                extra={"event": "memory_limit"})
+                    pc.over_memory_limit = True
+                    pc.child.kill()
