@@ -54,8 +54,8 @@ bench: up ## Run the benchmarks (python -m bench.run) on the local stack + bench
 drills: up ## Run the failure drills (tests/drills) against the local stack
 	@$(VENV)/bin/pytest -q tests/drills -p no:cacheprovider -s $(PYTEST_ARGS)
 
-docs: install ## Regenerate docs/configuration.md from the settings classes
-	@$(VENV)/bin/vigil config docs > docs/configuration.md
+docs: install ## Regenerate docs/configuration.md and the transition table in docs/architecture.md
+	@$(PY) -m services.cli.docs
 
 lint: install ## ruff check .
 	@$(VENV)/bin/ruff check .

@@ -148,6 +148,10 @@ class WorkerSettings(BaseSettings):
         None, ge=16, le=1_048_576,
         description="Where no cgroup limit applies: the memory this worker and its "
                     "children may use, for the memory gate. Unset: the machine's memory.")
+    orphan_grace_s: float = Field(
+        5.0, ge=0, le=3600, description="An attempt RUNNING here by the database's books "
+                                        "that the worker does not know of, started longer "
+                                        "ago than this, is released for retry (orphaned).")
     ownership_check_interval_s: float = Field(
         1.0, gt=0, le=60, description="How often the worker checks it still owns its "
                                       "attempts (cancel, timeout) and samples memory.")

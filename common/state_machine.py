@@ -160,39 +160,41 @@ class Moved:
 
 
 S = ExecutionStatus
-_FAILED_ATTEMPT_KINDS = [k for k in ErrorKind if k not in (
-    ErrorKind.TIMEOUT, ErrorKind.NO_WORKER, ErrorKind.CANCELLED, ErrorKind.MAX_DISPATCHES,
-    ErrorKind.SCHEDULE_TIMEOUT, ErrorKind.WORKER_LOST)]
+# Every kind an attempt can fail with on its worker (worker_lost is the monitor's, and
+# the rest are whole-execution outcomes).
+_ATTEMPT_KINDS = [k for k in ErrorKind if k not in (
+    ErrorKind.WORKER_LOST, ErrorKind.TIMEOUT, ErrorKind.NO_WORKER, ErrorKind.CANCELLED,
+    ErrorKind.MAX_DISPATCHES, ErrorKind.SCHEDULE_TIMEOUT)]
+# Why an unstarted dispatch comes back, and who sees it. A counted one may be the last
+# the attempt is allowed: then the execution ends FAILED (its reason max_dispatches or
+# schedule_timeout), and the history row still says what happened to the dispatch.
+_RELEASES = [(Reason.PUBLISH_FAILED, "executor"), (Reason.REFUSED_DRAINING, "worker"),
+             (Reason.REFUSED_MEMORY, "worker"),
+             *((r, "executor") for r in DEAD_LETTER_CAUSES),
+             *((r, "monitor") for r in (Reason.SCHEDULE_TO_START_TIMEOUT, *WORKER_GONE))]
 
 
-def _attempt_ends(reason: str, by: str, retryable: bool) -> list[Transition]:
-    ends = [Transition(S.RUNNING, S.FAILED, reason, by)]
-    if retryable:
-        ends.append(Transition(S.RUNNING, S.REQUESTED, reason, by))
-    return ends
+def _ends(from_status: ExecutionStatus | None, to: tuple[ExecutionStatus, ...], reason: str,
+          by: str) -> list[Transition]:
+    return [Transition(from_status, t, reason, by) for t in to]
 
 
 TRANSITIONS: tuple[Transition, ...] = (
-    Transition(None, S.REQUESTED, Reason.SUBMITTED, "client"),
+    Transition(None, S.REQUESTED, Reason.SUBMITTED, "client or a schedule"),
     Transition(S.REQUESTED, S.SCHEDULED, Reason.DISPATCHED, "executor"),
-    *(Transition(S.SCHEDULED, S.REQUESTED, r, "executor") for r in (
-        Reason.PUBLISH_FAILED, *DEAD_LETTER_CAUSES)),
-    Transition(S.SCHEDULED, S.FAILED, Reason.MAX_DISPATCHES, "executor"),
-    *(Transition(S.SCHEDULED, S.REQUESTED, r, "worker") for r in (
-        Reason.REFUSED_DRAINING, Reason.REFUSED_MEMORY)),
-    *(Transition(S.SCHEDULED, S.REQUESTED, r, "monitor") for r in (
-        Reason.SCHEDULE_TO_START_TIMEOUT, *WORKER_GONE)),
-    Transition(S.SCHEDULED, S.FAILED, Reason.SCHEDULE_TIMEOUT, "monitor"),
+    *(t for reason, by in _RELEASES
+      for t in _ends(S.SCHEDULED, (S.REQUESTED,) if reason in NOT_COUNTED
+                     else (S.REQUESTED, S.FAILED), reason, by)),
     Transition(S.SCHEDULED, S.RUNNING, Reason.STARTED, "worker"),
     Transition(S.RUNNING, S.SUCCEEDED, Reason.SUCCEEDED, "worker"),
-    *(t for kind in _FAILED_ATTEMPT_KINDS
-      for t in _attempt_ends(kind, "worker", kind not in NEVER_RETRY)),
-    *_attempt_ends(ErrorKind.WORKER_LOST, "monitor", True),
-    Transition(S.RUNNING, S.FAILED, Reason.POISON, "worker"),
-    Transition(S.RUNNING, S.FAILED, Reason.POISON, "monitor"),
+    *(t for kind in _ATTEMPT_KINDS
+      for t in _ends(S.RUNNING, (S.FAILED,) if kind in NEVER_RETRY
+                     else (S.REQUESTED, S.FAILED), kind, "worker")),
+    *_ends(S.RUNNING, (S.REQUESTED, S.FAILED), ErrorKind.WORKER_LOST, "monitor"),
+    Transition(S.RUNNING, S.FAILED, Reason.POISON, "worker or monitor"),
     Transition(S.RUNNING, S.TIMED_OUT, Reason.START_TO_CLOSE_TIMEOUT, "monitor"),
     Transition(S.REQUESTED, S.FAILED, Reason.NO_WORKER, "monitor"),
-    *(Transition(s, S.CANCELLED, Reason.CANCELLED, "client") for s in UNFINISHED),
+    *(Transition(s, S.CANCELLED, Reason.CANCELLED, "client or a schedule") for s in UNFINISHED),
     *(Transition(s, S.REQUESTED, Reason.RETRY_REQUESTED, "client")
       for s in (S.FAILED, S.TIMED_OUT, S.CANCELLED)),
     Transition(S.FAILED, S.REQUESTED, Reason.DEAD_LETTER_REQUEUED, "client"),

@@ -1,12 +1,11 @@
-"""Executors with a fault injected at the dispatcher's seam (DispatchHooks), for the
-drills that need a real process to misbehave:
+"""Faults injected at the dispatcher's seam (DispatchHooks). In-process tests hand a
+hook to their dispatcher; the drills that need a real process to misbehave run
 
-    python -m tests.faults exit-after-commit    dies between committing SCHEDULED and
-                                                publishing, as a crash there would
-    python -m tests.faults lose-commit-reply    once acts as if the reply to a COMMIT was
-                                                lost with the connection
+    python -m tests.faults exit-after-commit    an executor that dies between committing
+                                                SCHEDULED and publishing, as a crash there
+                                                would
 
-Otherwise it is `vigil executor`, configured from the same VIGIL_* settings.
+which is otherwise `vigil executor`, configured from the same VIGIL_* settings.
 """
 
 from __future__ import annotations
@@ -39,9 +38,7 @@ class LoseCommitReply(DispatchHooks):
             raise ConnectionResetError("test fault: the reply to COMMIT was lost")
 
 
-FAULTS: dict[str, type[DispatchHooks]] = {
-    "exit-after-commit": ExitAfterCommit, "lose-commit-reply": LoseCommitReply,
-}
+FAULTS: dict[str, type[DispatchHooks]] = {"exit-after-commit": ExitAfterCommit}
 
 
 def main(fault: str) -> None:

@@ -240,10 +240,12 @@ async def running_not_owned(
 
 
 async def running_unknown(
-    conn: Conn, worker_id: str, known: list[uuid.UUID]
+    conn: Conn, worker_id: str, known: list[uuid.UUID], grace_s: float
 ) -> list[Dispatch]:
-    """Attempts RUNNING on this worker by the database's books that it doesn't know."""
-    rows = await SQL["running_unknown"].fetch(conn, worker_id=worker_id, known=known)
+    """Attempts RUNNING on this worker by the database's books that it doesn't know,
+    started more than grace_s ago."""
+    rows = await SQL["running_unknown"].fetch(conn, worker_id=worker_id, known=known,
+                                              grace_s=grace_s)
     return [Dispatch(worker_id=worker_id, **dict(r)) for r in rows]
 
 

@@ -457,6 +457,6 @@ def broker_setup(as_json: JsonOpt = False) -> None:
 @config_app.command("docs")
 def config_docs() -> None:
     """Print every setting as Markdown (the source of docs/configuration.md)."""
-    from services.cli.config_docs import render
+    from services.cli.docs import render
 
     typer.echo(render(), nl=False)

@@ -262,7 +262,8 @@ class Worker:
 
     async def _release_unknown(self) -> None:
         known = [*self.running, *(d.execution_id for d in self._claiming)]
-        for token in await executions.running_unknown(self.pool, self.id, known):
+        for token in await executions.running_unknown(self.pool, self.id, known,
+                                                       self.settings.orphan_grace_s):
             log.warning("execution %s attempt %d is RUNNING here by the database's books "
                         "but not the worker's; releasing it for retry", token.id,
                         token.attempt, extra={"event": "attempt_orphaned"})

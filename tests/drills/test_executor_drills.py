@@ -42,27 +42,6 @@ async def test_executor_killed_between_commit_and_publish_is_recovered_by_the_mo
         ids) == 5
 
 
-async def test_a_lost_commit_reply_publishes_what_committed_without_waiting_for_a_timeout(
-    env: Env, drill_report: DrillResult
-):
-    # The schedule-to-start timeout (60 s) would recover them too, but only after a minute.
-    env.worker("w1", capacity=8)
-    await env.live_workers(1)
-    ids = await record_load(env, 5, seconds=0)
-    began = time.monotonic()
-    unlucky = env.start("lose-commit-reply", name="unlucky", module="tests.faults",
-                        VIGIL_EXECUTOR_NAME="unlucky")
-    await env.all_terminal(ids, timeout=20)
-    recovery = time.monotonic() - began
-    assert "dispatch commit reply lost: 5 of 5 dispatches had committed" in unlucky.log()
-    released = await env.pool.fetchval(
-        "SELECT count(*) FROM execution_history WHERE execution_id = ANY($1) "
-        "AND from_status = 'SCHEDULED' AND to_status = 'REQUESTED'", ids)
-    drill_report.figures.update(await check_promises(env, ids))
-    drill_report.figures.update(recovery_s=round(recovery, 2), released=released)
-    assert released == 0, "each was published on its first dispatch"
-
-
 async def test_executor_sigkilled_and_restarted_mid_load_loses_nothing(
     env: Env, drill_report: DrillResult
 ):

@@ -8,7 +8,6 @@ import aio_pika
 from common import broker
 from common.config import BrokerRole
 from common.db import executions
-from common.db.executions import Dispatch, Ended
 from common.state_machine import ExecutionStatus
 from tests.harness import Env, wait_until
 
@@ -121,31 +120,6 @@ async def test_bad_messages_in_a_worker_queue_are_rejected_and_it_keeps_consumin
 
     log = await wait_until(rejections_logged, timeout=10, what="rejections logged")
     assert "rejected malformed message" in log and "rejected stale message" in log
-
-
-async def test_a_fenced_update_with_a_stale_token_changes_nothing(env: Env):
-    [eid] = await env.submit("demo.noop")
-    # No worker: put it in SCHEDULED by hand, as an executor would.
-    await env.pool.execute(
-        "UPDATE executions SET status = 'SCHEDULED', worker_id = 'w-a', dispatches = 1 "
-        "WHERE id = $1", eid)
-
-    async def start(attempt: int, worker: str) -> list:
-        return await executions.start(env.pool, [Dispatch(eid, attempt, 1, "w-a")], worker)
-
-    assert await start(1, "w-b") == []  # wrong worker
-    assert await start(2, "w-a") == []  # wrong attempt
-    assert len(await start(1, "w-a")) == 1
-    # The same token again (a retry after a lost reply) gets the row, and records nothing.
-    assert len(await start(1, "w-a")) == 1
-    assert await env.pool.fetchval(
-        "SELECT count(*) FROM execution_history WHERE execution_id = $1 "
-        "AND to_status = 'RUNNING'", eid) == 1
-    before = await executions.get(env.pool, eid)
-    stale = await executions.end_attempts(
-        env.pool, [Ended(eid, 1, 1, ExecutionStatus.SUCCEEDED, result={"x": 1})], "w-b")
-    assert stale == {}
-    assert await executions.get(env.pool, eid) == before
 
 
 async def test_two_executors_on_one_backlog_dispatch_each_execution_once(env: Env):

@@ -141,25 +141,3 @@ async def test_an_actions_defaults_apply_unless_the_submission_sets_its_own(env:
     assert (d.status, d.max_attempts, d.attempt) == (ExecutionStatus.FAILED, 1, 1)
     assert (o.status, o.max_attempts, o.attempt) == (ExecutionStatus.FAILED, 2, 2)
     assert (n.max_attempts, n.timeout_s) == (3, 3600)
-
-
-async def test_a_running_attempt_its_worker_lost_track_of_is_released_and_rerun(env: Env):
-    env.worker("w1")
-    [worker_id] = await env.live_workers(1)
-    [eid] = await env.submit("demo.noop")
-    # As if the worker's start had committed but its reply was lost for good.
-    await env.pool.execute(
-        "UPDATE executions SET status = 'RUNNING', worker_id = $2, dispatches = 1, "
-        "started_at = now() - interval '10 seconds' WHERE id = $1", eid, worker_id)
-
-    async def released() -> bool:
-        return await env.pool.fetchval(
-            "SELECT attempt FROM executions WHERE id = $1 AND status = 'REQUESTED'", eid) == 2
-
-    await wait_until(released, timeout=10, what="the orphaned attempt to be released")
-    env.executor()
-    await env.all_terminal([eid], timeout=30)
-    e = await executions.get(env.pool, eid)
-    assert (e.status, e.attempt) == (ExecutionStatus.SUCCEEDED, 2)
-    reasons = [h.reason for h in await executions.history(env.pool, eid)]
-    assert "orphaned" in reasons

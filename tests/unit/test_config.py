@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings, WorkerSettings
-from services.cli.config_docs import render
+from services.cli.docs import render
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

@@ -1,6 +1,9 @@
 -- Every query on executions and execution_history.
 -- Each transition is a compare-and-set on (status, attempt[, dispatches][, worker_id]) and
--- writes its history row in the same statement. The rules transitions share are SQL
+-- writes its history row in the same statement. Where rows are named by a list of
+-- tokens, `e.id = ANY(:ids)` repeats the join on id as a condition on executions alone,
+-- so that the planner finds them by primary key instead of hashing every row in the
+-- state (with a deep backlog and stale statistics it would). The rules transitions share are SQL
 -- functions (migrations/0004_state_machine.sql): vigil_after_attempt (what an ended
 -- attempt leads to) and vigil_after_dispatch (what a dispatch that never started leads
 -- to). Reasons and error kinds come from common/state_machine.py as parameters.
@@ -86,12 +89,17 @@ CROSS JOIN LATERAL (
 ) n;
 
 -- name: mark_scheduled
+-- Claimed rows (locked by claim_due in this transaction) become SCHEDULED. The status is
+-- compared as `(...) IS TRUE` so that the planner cannot read these rows through the
+-- REQUESTED index (a stale count of REQUESTED rows once made it scan them all); it finds
+-- them by primary key, at the same cost however deep the backlog.
 WITH moved AS (
     UPDATE executions e
     SET status = 'SCHEDULED', worker_id = a.worker_id, dispatches = e.dispatches + 1,
         scheduled_at = now(), updated_at = now()
     FROM unnest(:ids::uuid[], :attempts::int[], :worker_ids::text[]) AS a(id, attempt, worker_id)
-    WHERE e.id = a.id AND e.status = 'REQUESTED' AND e.attempt = a.attempt
+    WHERE e.id = ANY(:ids) AND e.id = a.id AND (e.status = 'REQUESTED') IS TRUE
+      AND e.attempt = a.attempt
     RETURNING e.id, e.attempt, e.dispatches, e.worker_id
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
@@ -110,7 +118,7 @@ JOIN unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :worker_ids::tex
      AS d(id, attempt, dispatch, worker_id)
   ON e.id = d.id AND e.attempt = d.attempt AND e.dispatches = d.dispatch
      AND e.worker_id = d.worker_id
-WHERE e.status = 'SCHEDULED';
+WHERE e.id = ANY(:ids) AND e.status = 'SCHEDULED';
 
 -- name: release_dispatches
 -- Dispatches that never started go back to REQUESTED, or FAILED max_dispatches
@@ -124,8 +132,8 @@ WITH moved AS (
         updated_at = now()
     FROM unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :worker_ids::text[])
          AS d(id, attempt, dispatch, worker_id)
-    WHERE e.id = d.id AND e.status = 'SCHEDULED' AND e.attempt = d.attempt
-      AND e.dispatches = d.dispatch AND e.worker_id = d.worker_id
+    WHERE e.id = ANY(:ids) AND e.id = d.id AND e.status = 'SCHEDULED'
+      AND e.attempt = d.attempt AND e.dispatches = d.dispatch AND e.worker_id = d.worker_id
     RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
@@ -184,8 +192,8 @@ WITH wanted AS (
     UPDATE executions e
     SET status = 'RUNNING', started_at = now(), updated_at = now()
     FROM wanted d
-    WHERE e.id = d.id AND e.status = 'SCHEDULED' AND e.attempt = d.attempt
-      AND e.dispatches = d.dispatch AND e.worker_id = :worker_id
+    WHERE e.id = ANY(:ids) AND e.id = d.id AND e.status = 'SCHEDULED'
+      AND e.attempt = d.attempt AND e.dispatches = d.dispatch AND e.worker_id = :worker_id
     RETURNING e.*
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
@@ -203,7 +211,7 @@ SELECT e.id, e.action, e.params, e.attempt, e.dispatches, e.timeout_s, e.checkpo
 FROM executions e JOIN wanted d
   ON e.id = d.id AND e.status = 'RUNNING' AND e.attempt = d.attempt
      AND e.dispatches = d.dispatch AND e.worker_id = :worker_id
-WHERE NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = e.id);
+WHERE e.id = ANY(:ids) AND NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = e.id);
 
 -- name: end_attempts
 -- Attempts that ended on a worker, as one set, each fenced by its token: succeeded,
@@ -221,8 +229,8 @@ WITH moved AS (
                 :results::jsonb[], :errors::jsonb[], :usages::jsonb[])
          AS o(id, attempt, dispatch, outcome, reason, retryable, killed, retry_delay_s,
               result, error, usage)
-    WHERE e.id = o.id AND e.status = 'RUNNING' AND e.attempt = o.attempt
-      AND e.dispatches = o.dispatch AND e.worker_id = :worker_id
+    WHERE e.id = ANY(:ids) AND e.id = o.id AND e.status = 'RUNNING'
+      AND e.attempt = o.attempt AND e.dispatches = o.dispatch AND e.worker_id = :worker_id
     RETURNING e.id, e.attempt, e.dispatches, e.status, e.reason, e.worker_id, e.error,
               o.usage
 ), history AS (
@@ -246,11 +254,11 @@ WHERE e.id IS NULL;
 
 -- name: running_unknown
 -- Attempts the database says are RUNNING on a worker that does not know of them (it lost
--- a reply, say): the worker releases them for retry. Recent starts are left alone, as
--- they may still be on their way into the worker's books.
+-- a reply, say): the worker releases them for retry. Starts younger than :grace_s are
+-- left alone, as they may still be on their way into the worker's books.
 SELECT id, attempt, dispatches AS dispatch FROM executions
 WHERE worker_id = :worker_id AND status = 'RUNNING' AND NOT (id = ANY(:known::uuid[]))
-  AND started_at < now() - interval '5 seconds';
+  AND started_at < now() - make_interval(secs => :grace_s);
 
 -- name: save_checkpoint
 UPDATE executions SET checkpoint = :checkpoint, checkpoint_attempt = attempt, updated_at = now()
