@@ -223,7 +223,8 @@ async def end_attempts(
         killed=[e.killed for e in ended], retry_delays_s=[e.retry_delay_s for e in ended],
         results=[e.result for e in ended],
         errors=[e.error.as_json() if e.error else None for e in ended],
-        usages=[e.usage for e in ended], worker_id=worker_id,
+        usages=[e.usage for e in ended], worker_ids=[worker_id] * len(ended),
+        actor=f"worker:{worker_id}",
     )
     return {r["id"]: Moved(ExecutionStatus.RUNNING, ExecutionStatus(r["to_status"]),
                            r["reason"]) for r in rows}
@@ -269,18 +270,14 @@ async def release_stuck_scheduled(
         actor=actor))
 
 
-async def recover_lost_running(
+async def end_abandoned_attempts(
     conn: Conn, *, stale_after_s: float, retry_delay_s: float, batch: int, actor: str
 ) -> list[Moved]:
-    return _moves(await SQL["recover_lost_running"].fetch(
+    """End the attempts of workers that are gone, and those past their timeout."""
+    return _moves(await SQL["end_abandoned_attempts"].fetch(
         conn, stale_after_s=stale_after_s, retry_delay_s=retry_delay_s, batch=batch,
-        kind=ErrorKind.WORKER_LOST, actor=actor))
-
-
-async def time_out_running(conn: Conn, *, batch: int, actor: str) -> list[Moved]:
-    return _moves(await SQL["time_out_running"].fetch(
-        conn, batch=batch, reason=Reason.START_TO_CLOSE_TIMEOUT, kind=ErrorKind.TIMEOUT,
-        actor=actor))
+        lost_kind=ErrorKind.WORKER_LOST, timeout_kind=ErrorKind.TIMEOUT,
+        timeout_reason=Reason.START_TO_CLOSE_TIMEOUT, actor=actor))
 
 
 async def fail_unassignable(

@@ -55,15 +55,13 @@ class TimeoutMonitor:
             log.warning("%d worker(s) LOST after %gs without a heartbeat: %s", len(lost),
                         s.stale_after_s, ", ".join(lost), extra={"event": "workers_stale"})
         sweeps = (
-            ("recovered_lost_running", logging.WARNING, lambda: executions.recover_lost_running(
+            ("ended_abandoned", logging.WARNING, lambda: executions.end_abandoned_attempts(
                 self._pool, stale_after_s=stale_after_s, retry_delay_s=s.lost_retry_delay_s,
                 batch=s.monitor_batch_size, actor=self._actor)),
             ("released_stuck_scheduled", logging.INFO, lambda: executions.release_stuck_scheduled(
                 self._pool, schedule_to_start_s=s.schedule_to_start_timeout_s,
                 stale_after_s=stale_after_s, max_dispatches=s.max_dispatches,
                 batch=s.monitor_batch_size, actor=self._actor)),
-            ("timed_out", logging.WARNING, lambda: executions.time_out_running(
-                self._pool, batch=s.monitor_batch_size, actor=self._actor)),
             ("no_worker", logging.WARNING, lambda: executions.fail_unassignable(
                 self._pool, queue_timeout_s=s.queue_timeout_s, batch=s.monitor_batch_size,
                 actor=self._actor)),

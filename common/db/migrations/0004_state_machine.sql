@@ -78,6 +78,73 @@ LANGUAGE sql STABLE AS $$
     FROM (SELECT counted AND e.dispatches - e.unpublished >= max_dispatches AS failed) AS d
 $$;
 
+-- Attempts that ended, each fenced by its token (id, attempt, dispatch, worker): what
+-- each leads to is vigil_after_attempt's rule; the history row is written with the move.
+-- Used by the workers (outcomes) and the timeout monitor (lost workers, timeouts), so an
+-- attempt ends the same way whoever ends it.
+CREATE FUNCTION vigil_end_attempts(
+    p_ids uuid[], p_attempts integer[], p_dispatches integer[], p_workers text[],
+    p_outcomes text[], p_reasons text[], p_retryable boolean[], p_killed boolean[],
+    p_retry_delays_s float8[], p_results jsonb[], p_errors jsonb[], p_usages jsonb[],
+    p_actor text)
+RETURNS TABLE (id uuid, to_status text, reason text)
+LANGUAGE sql AS $$
+    WITH moved AS (
+        UPDATE executions e
+        SET (status, reason, attempt, dispatches, unpublished, not_before, finished_at,
+             killed_attempts)
+                = (SELECT * FROM vigil_after_attempt(e, o.outcome, o.reason, o.retryable,
+                                                     o.killed, o.retry_delay_s)),
+            result = o.result, error = o.error, updated_at = now()
+        FROM unnest(p_ids, p_attempts, p_dispatches, p_workers, p_outcomes, p_reasons,
+                    p_retryable, p_killed, p_retry_delays_s, p_results, p_errors, p_usages)
+             AS o(id, attempt, dispatch, worker_id, outcome, reason, retryable, killed,
+                  retry_delay_s, result, error, usage)
+        WHERE e.id = ANY(p_ids) AND e.id = o.id AND e.status = 'RUNNING'
+          AND e.attempt = o.attempt AND e.dispatches = o.dispatch AND e.worker_id = o.worker_id
+        RETURNING e.id, e.attempt, e.dispatches, e.status, e.reason, e.worker_id, e.error,
+                  o.usage
+    ), history AS (
+        INSERT INTO execution_history (execution_id, attempt, dispatch, from_status,
+                                       to_status, reason, actor, worker_id, error, usage)
+        SELECT id, attempt, dispatches, 'RUNNING', status, reason, p_actor, worker_id,
+               error, usage
+        FROM moved
+    )
+    SELECT id, status, reason FROM moved
+$$;
+
+-- Dispatches that never started, each fenced by its token: back to REQUESTED, or FAILED
+-- (vigil_after_dispatch's rule); the history row records why each came back. Used by the
+-- executors (failed publishes, dead letters), the workers (deliveries they gave back)
+-- and the timeout monitor (SCHEDULED too long, or on a worker that is gone).
+CREATE FUNCTION vigil_release_dispatches(
+    p_ids uuid[], p_attempts integer[], p_dispatches integer[], p_workers text[],
+    p_reasons text[], p_counted boolean, p_max_dispatches integer, p_exhausted text,
+    p_actor text)
+RETURNS TABLE (id uuid, to_status text, reason text)
+LANGUAGE sql AS $$
+    WITH moved AS (
+        UPDATE executions e
+        SET (status, reason, unpublished, finished_at, error)
+                = (SELECT * FROM vigil_after_dispatch(e, p_counted, p_max_dispatches,
+                                                      p_exhausted, d.reason)),
+            updated_at = now()
+        FROM unnest(p_ids, p_attempts, p_dispatches, p_workers, p_reasons)
+             AS d(id, attempt, dispatch, worker_id, reason)
+        WHERE e.id = ANY(p_ids) AND e.id = d.id AND e.status = 'SCHEDULED'
+          AND e.attempt = d.attempt AND e.dispatches = d.dispatch
+          AND e.worker_id = d.worker_id
+        RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id, d.reason
+    ), history AS (
+        INSERT INTO execution_history (execution_id, attempt, dispatch, from_status,
+                                       to_status, reason, actor, worker_id)
+        SELECT id, attempt, dispatches, 'SCHEDULED', status, reason, p_actor, worker_id
+        FROM moved
+    )
+    SELECT id, status, reason FROM moved
+$$;
+
 -- Wake the executors when there is something to dispatch: new work, or a slot freed by
 -- an execution leaving SCHEDULED or RUNNING. A start (SCHEDULED -> RUNNING) or a
 -- checkpoint changes neither, so it wakes nobody.

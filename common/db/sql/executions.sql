@@ -1,12 +1,12 @@
 -- Every query on executions and execution_history.
 -- Each transition is a compare-and-set on (status, attempt[, dispatches][, worker_id]) and
--- writes its history row in the same statement. Where rows are named by a list of
--- tokens, `e.id = ANY(:ids)` repeats the join on id as a condition on executions alone,
--- so that the planner finds them by primary key instead of hashing every row in the
--- state (with a deep backlog and stale statistics it would). The rules transitions share are SQL
--- functions (migrations/0004_state_machine.sql): vigil_after_attempt (what an ended
--- attempt leads to) and vigil_after_dispatch (what a dispatch that never started leads
--- to). Reasons and error kinds come from common/state_machine.py as parameters.
+-- writes its history row in the same statement. How an attempt ends and how an unstarted
+-- dispatch comes back are written once, as SQL functions that every caller shares
+-- (migrations/0004_state_machine.sql: vigil_end_attempts, vigil_release_dispatches).
+-- Reasons and error kinds come from common/state_machine.py as parameters. Where rows are
+-- named by a list of tokens, `e.id = ANY(:ids)` repeats the join on id as a condition on
+-- executions alone, so that the planner finds them by primary key rather than reading
+-- every row in their state (with a deep backlog and stale statistics it would).
 
 -- name: insert
 -- Many executions in one statement. Unset limits take the action's defaults, then
@@ -121,34 +121,21 @@ JOIN unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :worker_ids::tex
 WHERE e.id = ANY(:ids) AND e.status = 'SCHEDULED';
 
 -- name: release_dispatches
--- Dispatches that never started go back to REQUESTED, or FAILED max_dispatches
--- (vigil_after_dispatch), each fenced by its token. `counted` false: it never reached a
+-- Dispatches that never started go back to REQUESTED, or FAILED max_dispatches, each
+-- fenced by its token (vigil_release_dispatches). `counted` false: it never reached a
 -- willing worker (see common/state_machine.py NOT_COUNTED).
-WITH moved AS (
-    UPDATE executions e
-    SET (status, reason, unpublished, finished_at, error)
-            = (SELECT * FROM vigil_after_dispatch(e, :counted, :max_dispatches,
-                                                  :exhausted, :reason)),
-        updated_at = now()
-    FROM unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :worker_ids::text[])
-         AS d(id, attempt, dispatch, worker_id)
-    WHERE e.id = ANY(:ids) AND e.id = d.id AND e.status = 'SCHEDULED'
-      AND e.attempt = d.attempt AND e.dispatches = d.dispatch AND e.worker_id = d.worker_id
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id)
-    SELECT id, attempt, dispatches, 'SCHEDULED', status, :reason, :actor, worker_id
-    FROM moved
-)
-SELECT 'SCHEDULED' AS from_status, status AS to_status, :reason::text AS reason, count(*) AS n
-FROM moved GROUP BY status;
+SELECT 'SCHEDULED' AS from_status, to_status, reason, count(*) AS n
+FROM vigil_release_dispatches(
+    :ids, :attempts, :dispatches, :worker_ids,
+    array_fill(:reason::text, ARRAY[cardinality(:ids::uuid[])]), :counted, :max_dispatches,
+    :exhausted, :actor)
+GROUP BY to_status, reason;
 
 -- name: release_stuck_scheduled
 -- Timeout monitor: SCHEDULED past schedule-to-start, or on a worker that can no longer
 -- start it, goes back to REQUESTED (FAILED schedule_timeout past max_dispatches).
 WITH stuck AS (
-    SELECT e.id,
+    SELECT e.id, e.attempt, e.dispatches, e.worker_id,
            CASE WHEN e.scheduled_at <= now() - make_interval(secs => :schedule_to_start_s)
                 THEN 'schedule_to_start_timeout'
                 WHEN w.id IS NULL THEN 'worker_missing'
@@ -163,22 +150,16 @@ WITH stuck AS (
     ORDER BY e.scheduled_at
     LIMIT :batch
     FOR UPDATE OF e SKIP LOCKED
-), moved AS (
-    UPDATE executions e
-    SET (status, reason, unpublished, finished_at, error)
-            = (SELECT * FROM vigil_after_dispatch(e, true, :max_dispatches, :exhausted,
-                                                  s.why)),
-        updated_at = now()
-    FROM stuck s
-    WHERE e.id = s.id AND e.status = 'SCHEDULED'
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.worker_id, s.why
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id)
-    SELECT id, attempt, dispatches, 'SCHEDULED', status, why, :actor, worker_id FROM moved
 )
-SELECT 'SCHEDULED' AS from_status, status AS to_status, why AS reason, count(*) AS n
-FROM moved GROUP BY status, why;
+SELECT 'SCHEDULED' AS from_status, r.to_status, r.reason, count(*) AS n
+FROM (SELECT array_agg(id) AS ids, array_agg(attempt) AS attempts,
+             array_agg(dispatches) AS dispatches, array_agg(worker_id) AS workers,
+             array_agg(why) AS whys
+      FROM stuck) s
+CROSS JOIN LATERAL vigil_release_dispatches(s.ids, s.attempts, s.dispatches, s.workers,
+                                            s.whys, true, :max_dispatches, :exhausted,
+                                            :actor) r
+GROUP BY r.to_status, r.reason;
 
 -- name: start
 -- The worker's SCHEDULED -> RUNNING for a batch of deliveries; returns what each attempt
@@ -215,32 +196,11 @@ WHERE e.id = ANY(:ids) AND NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = e.id);
 
 -- name: end_attempts
 -- Attempts that ended on a worker, as one set, each fenced by its token: succeeded,
--- failed, given up at shutdown, or lost track of. vigil_after_attempt decides what each
--- leads to; a retry is recorded as the next attempt being requested (dispatch 0).
-WITH moved AS (
-    UPDATE executions e
-    SET (status, reason, attempt, dispatches, unpublished, not_before, finished_at,
-         killed_attempts)
-            = (SELECT * FROM vigil_after_attempt(e, o.outcome, o.reason, o.retryable,
-                                                 o.killed, o.retry_delay_s)),
-        result = o.result, error = o.error, updated_at = now()
-    FROM unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :outcomes::text[],
-                :reasons::text[], :retryable::bool[], :killed::bool[], :retry_delays_s::float8[],
-                :results::jsonb[], :errors::jsonb[], :usages::jsonb[])
-         AS o(id, attempt, dispatch, outcome, reason, retryable, killed, retry_delay_s,
-              result, error, usage)
-    WHERE e.id = ANY(:ids) AND e.id = o.id AND e.status = 'RUNNING'
-      AND e.attempt = o.attempt AND e.dispatches = o.dispatch AND e.worker_id = :worker_id
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.reason, e.worker_id, e.error,
-              o.usage
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id, error, usage)
-    SELECT id, attempt, dispatches, 'RUNNING', status, reason, 'worker:' || :worker_id,
-           worker_id, error, usage
-    FROM moved
-)
-SELECT id, status AS to_status, reason FROM moved;
+-- failed, given up at shutdown, or lost track of (vigil_end_attempts).
+SELECT id, to_status, reason
+FROM vigil_end_attempts(:ids, :attempts, :dispatches, :worker_ids, :outcomes, :reasons,
+                        :retryable, :killed, :retry_delays_s, :results, :errors, :usages,
+                        :actor);
 
 -- name: running_not_owned
 -- Which of a worker's running attempts it no longer owns (cancelled, timed out,
@@ -265,69 +225,44 @@ UPDATE executions SET checkpoint = :checkpoint, checkpoint_attempt = attempt, up
 WHERE id = :id AND status = 'RUNNING' AND attempt = :attempt AND worker_id = :worker_id
 RETURNING id;
 
--- name: recover_lost_running
--- Timeout monitor: RUNNING on a worker that is LOST, INACTIVE, gone or stale: the attempt
--- ended with its worker (vigil_after_attempt: retried, avoiding that worker, or FAILED).
-WITH lost AS (
-    SELECT e.id, coalesce(w.status, 'missing') AS worker_status
+-- name: end_abandoned_attempts
+-- Timeout monitor: attempts no worker will end. RUNNING on a worker that is LOST,
+-- INACTIVE, gone or stale, the attempt ended with its worker: retried (avoiding that
+-- worker) or FAILED. RUNNING past its start-to-close timeout: TIMED_OUT, and its worker
+-- sees it no longer owns the attempt and kills the child. Both through vigil_end_attempts.
+WITH abandoned AS (
+    SELECT e.id, e.attempt, e.dispatches, e.worker_id, why.lost,
+           CASE WHEN why.lost THEN jsonb_build_object('kind', :lost_kind::text, 'message',
+                    format('worker %s stopped answering (%s) during attempt %s', e.worker_id,
+                           lower(coalesce(w.status, 'missing')), e.attempt))
+                ELSE jsonb_build_object('kind', :timeout_kind::text, 'message',
+                    format('still running after %ss', e.timeout_s)) END AS error
     FROM executions e
     LEFT JOIN workers w ON w.id = e.worker_id
+    CROSS JOIN LATERAL (
+        SELECT w.id IS NULL OR w.status IN ('LOST', 'INACTIVE')
+               OR w.last_heartbeat_at <= now() - make_interval(secs => :stale_after_s) AS lost
+    ) why
     WHERE e.status = 'RUNNING'
-      AND (w.id IS NULL OR w.status IN ('LOST', 'INACTIVE')
-           OR w.last_heartbeat_at <= now() - make_interval(secs => :stale_after_s))
+      AND (why.lost OR e.started_at <= now() - make_interval(secs => e.timeout_s))
     LIMIT :batch
     FOR UPDATE OF e SKIP LOCKED
-), moved AS (
-    UPDATE executions e
-    SET (status, reason, attempt, dispatches, unpublished, not_before, finished_at,
-         killed_attempts)
-            = (SELECT * FROM vigil_after_attempt(e, 'FAILED', :kind, true, true,
-                                                 :retry_delay_s)),
-        error = jsonb_build_object('kind', :kind::text, 'message',
-                format('worker %s stopped answering (%s) during attempt %s',
-                       e.worker_id, lower(l.worker_status), e.attempt)),
-        updated_at = now()
-    FROM lost l
-    WHERE e.id = l.id AND e.status = 'RUNNING'
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.reason, e.worker_id, e.error
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id, error)
-    SELECT id, attempt, dispatches, 'RUNNING', status, reason, :actor, worker_id, error
-    FROM moved
 )
-SELECT 'RUNNING' AS from_status, status AS to_status, reason, count(*) AS n
-FROM moved GROUP BY status, reason;
-
--- name: time_out_running
--- Timeout monitor: RUNNING past its start-to-close timeout: the attempt ends TIMED_OUT
--- (vigil_after_attempt: final). The worker sees it no longer owns the attempt and kills
--- the child.
-WITH late AS (
-    SELECT id FROM executions
-    WHERE status = 'RUNNING' AND started_at <= now() - make_interval(secs => timeout_s)
-    LIMIT :batch
-    FOR UPDATE SKIP LOCKED
-), moved AS (
-    UPDATE executions e
-    SET (status, reason, attempt, dispatches, unpublished, not_before, finished_at,
-         killed_attempts)
-            = (SELECT * FROM vigil_after_attempt(e, 'TIMED_OUT', :reason, false, false,
-                                                 NULL)),
-        error = jsonb_build_object('kind', :kind::text, 'message',
-                format('still running after %ss', e.timeout_s)),
-        updated_at = now()
-    FROM late
-    WHERE e.id = late.id AND e.status = 'RUNNING'
-    RETURNING e.id, e.attempt, e.dispatches, e.status, e.reason, e.worker_id, e.error
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id, error)
-    SELECT id, attempt, dispatches, 'RUNNING', status, reason, :actor, worker_id, error
-    FROM moved
-)
-SELECT 'RUNNING' AS from_status, status AS to_status, reason, count(*) AS n
-FROM moved GROUP BY status, reason;
+SELECT 'RUNNING' AS from_status, r.to_status, r.reason, count(*) AS n
+FROM (SELECT array_agg(id) AS ids, array_agg(attempt) AS attempts,
+             array_agg(dispatches) AS dispatches, array_agg(worker_id) AS workers,
+             array_agg(CASE WHEN lost THEN 'FAILED' ELSE 'TIMED_OUT' END) AS outcomes,
+             array_agg(CASE WHEN lost THEN :lost_kind::text ELSE :timeout_reason::text END)
+                 AS reasons,
+             array_agg(lost) AS retryable, array_agg(lost) AS killed,
+             array_agg(CASE WHEN lost THEN :retry_delay_s::float8 END) AS retry_delays_s,
+             array_agg(error) AS errors, array_agg(NULL::jsonb) AS nothing
+      FROM abandoned) a
+CROSS JOIN LATERAL vigil_end_attempts(a.ids, a.attempts, a.dispatches, a.workers,
+                                      a.outcomes, a.reasons, a.retryable, a.killed,
+                                      a.retry_delays_s, a.nothing, a.errors, a.nothing,
+                                      :actor) r
+GROUP BY r.to_status, r.reason;
 
 -- name: fail_unassignable
 -- Timeout monitor: REQUESTED and due for longer than the queue timeout: no worker took it.
