@@ -47,7 +47,8 @@ test: up ## Run the whole test suite (unit, integration, drills) against the loc
 demo: up ## Run the demo (python -m bench.demo) against the local stack
 	@$(PY) -m bench.demo
 
-bench: up ## Run the benchmarks (python -m bench.run) on the local stack + bench-postgres
+bench: up ## Vigil side by side with Celery and Dramatiq (python -m bench.run), durable Postgres
+	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
 	@$(STACK) up bench-postgres
 	@$(PY) -m bench.run
 
