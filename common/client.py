@@ -91,6 +91,8 @@ class AsyncClient:
             return []
 
         async def write() -> list[Submitted]:
+            if len(checked) <= CHUNK:  # one statement: atomic, and one round trip
+                return await executions.insert(self._pool, checked, self._actor)
             async with db.transaction(self._pool) as conn:
                 done: list[Submitted] = []
                 for i in range(0, len(checked), CHUNK):

@@ -121,6 +121,11 @@ class WorkerSettings(BaseSettings):
 
     name: str = Field("worker", description="Name shown in logs and the management UI.")
     capacity: int = Field(4, ge=1, le=256, description="Attempts run at once.")
+    prefetch: int = Field(
+        4, ge=0, le=1024, description="Dispatches a worker may hold beyond those it runs, "
+                                      "so that a free child never waits for the next one "
+                                      "(given back at once if it stops or runs short of "
+                                      "memory).")
     runtimes: list[str] = Field(["shell", "python"], description="Runtimes offered.")
     action_modules: list[str] = Field(["examples.actions"],
                                       description="Python modules that register actions.")

@@ -144,6 +144,7 @@ class Worker(BaseModel):
     runtimes: list[str]
     actions: list[str]
     capacity: int
+    prefetch: int
     memory_bytes: int | None
     memory_limit_bytes: int | None
     memory_pressure: bool

@@ -38,14 +38,6 @@ class Submitted:
 
 
 @dataclass(frozen=True)
-class Claimed:
-    id: uuid.UUID
-    action: str
-    attempt: int
-    previous_worker_id: str | None
-
-
-@dataclass(frozen=True)
 class Dispatch:
     """One delivery of one attempt to one worker: the fencing token of SCHEDULED."""
 
@@ -146,29 +138,20 @@ async def count_by_status(conn: Conn) -> dict[ExecutionStatus, int]:
 
 # ---- dispatch ---------------------------------------------------------------------------
 
-async def claim_due(conn: asyncpg.Connection, wanted: dict[str, int]) -> list[Claimed]:
-    """Lock due REQUESTED executions, at most wanted[action] of each action."""
-    if not wanted:
-        return []
-    rows = await SQL["claim_due"].fetch(conn, actions=list(wanted), limits=list(wanted.values()))
-    return [Claimed(**dict(r)) for r in rows]
-
-
-async def next_due_in(conn: Conn, actions: list[str]) -> float | None:
-    """Seconds until the next not-yet-due REQUESTED execution of these actions is due."""
-    if not actions:
-        return None
-    return await SQL["next_due"].fetchval(conn, actions=actions)
-
-
-async def mark_scheduled(
-    conn: asyncpg.Connection, assignments: list[tuple[Claimed, str]], actor: str
+async def dispatch(
+    conn: Conn, *, round_id: uuid.UUID, batch: int, stale_after_s: float, actor: str
 ) -> list[Dispatch]:
-    rows = await SQL["mark_scheduled"].fetch(
-        conn, ids=[c.id for c, _ in assignments], attempts=[c.attempt for c, _ in assignments],
-        worker_ids=[w for _, w in assignments], reason=Reason.DISPATCHED, actor=actor,
-    )
+    """One dispatch round (claim, assign, mark SCHEDULED) in one statement: what it
+    scheduled, committed, to publish."""
+    rows = await SQL["dispatch"].fetch(conn, round_id=round_id, batch=batch,
+                                       stale_after_s=stale_after_s, reason=Reason.DISPATCHED,
+                                       actor=actor)
     return [Dispatch(**dict(r)) for r in rows]
+
+
+async def next_due_in(conn: Conn) -> float | None:
+    """Seconds until the next not-yet-due REQUESTED execution some worker offers is due."""
+    return await SQL["next_due"].fetchval(conn)
 
 
 def _tokens(dispatches: Sequence[Dispatch]) -> dict[str, list[Any]]:
@@ -177,9 +160,9 @@ def _tokens(dispatches: Sequence[Dispatch]) -> dict[str, list[Any]]:
             "worker_ids": [d.worker_id for d in dispatches]}
 
 
-async def committed_dispatches(conn: Conn, dispatches: list[Dispatch]) -> list[Dispatch]:
-    """Those of these dispatches that are SCHEDULED with exactly this token."""
-    rows = await SQL["committed_dispatches"].fetch(conn, **_tokens(dispatches))
+async def committed_dispatches(conn: Conn, round_id: uuid.UUID) -> list[Dispatch]:
+    """What this dispatch round scheduled that is still SCHEDULED."""
+    rows = await SQL["committed_dispatches"].fetch(conn, round_id=round_id)
     return [Dispatch(**dict(r)) for r in rows]
 
 

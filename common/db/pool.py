@@ -33,6 +33,16 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# How Vigil's sessions plan. Its statements are few, prepared once per connection and
+# run thousands of times a second, so each keeps one plan (no re-planning per call).
+# Its tables change size fast (a backlog arrives in seconds): a plan made while one was
+# small would scan it whole ever after, since only ANALYZE refreshes a kept plan. Every
+# hot statement finds its rows through an index, so sequential scans are ruled out.
+# That makes the rare plan that must scan (the tiny workers table) look enormously
+# expensive, which would JIT-compile it on every call: no JIT for short statements.
+PLANNER = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off", "jit": "off"}
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -61,7 +71,7 @@ async def connect(settings: DatabaseSettings, *, application_name: str) -> async
             command_timeout=settings.command_timeout_s,
             init=_init_connection,
             reset=_keep_session,
-            server_settings={"application_name": application_name[:63]},
+            server_settings={"application_name": application_name[:63], **PLANNER},
         )
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailable(settings.address, exc) from None

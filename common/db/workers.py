@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import asyncpg
-
 from common.db.queries import Conn, load
 from common.models import Worker, WorkerStatus
 
@@ -21,19 +19,13 @@ class Registration:
     runtimes: list[str]
     actions: list[str]
     capacity: int
-
-
-@dataclass(frozen=True)
-class Eligible:
-    id: str
-    actions: frozenset[str]
-    free_slots: int
+    prefetch: int = 0
 
 
 async def register(conn: Conn, r: Registration) -> None:
     await SQL["register"].execute(
         conn, id=r.id, name=r.name, hostname=r.hostname, pid=r.pid, runtimes=r.runtimes,
-        actions=r.actions, capacity=r.capacity,
+        actions=r.actions, capacity=r.capacity, prefetch=r.prefetch,
     )
 
 
@@ -54,16 +46,6 @@ async def heartbeat(
 
 async def set_status(conn: Conn, worker_id: str, status: WorkerStatus, reason: str) -> None:
     await SQL["set_status"].execute(conn, id=worker_id, status=status, reason=reason)
-
-
-async def lock_eligible(conn: asyncpg.Connection, stale_after_s: float) -> list[Eligible]:
-    """Within a transaction: lock the ACTIVE workers, then count their free slots."""
-    await SQL["lock_active"].execute(conn)
-    rows = await SQL["eligible"].fetch(conn, stale_after_s=stale_after_s)
-    return [
-        Eligible(id=r["id"], actions=frozenset(r["actions"]), free_slots=r["free_slots"])
-        for r in rows
-    ]
 
 
 async def offers_action(conn: Conn, action: str) -> bool:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import asyncpg
 
 from common import db
 from common.broker import Publisher
 from common.config import ExecutorSettings
-from common.db import executions, workers
+from common.db import executions
 from common.db.executions import Dispatch
 from common.db.pool import CONNECTION_ERRORS
 from common.errors import PublishFailed
@@ -28,7 +29,6 @@ from common.loops import RateLimitedLog
 from common.metrics import DISPATCHED, PUBLISH_FAILURES, count_moves
 from common.models import DispatchMessage
 from common.state_machine import ExecutionStatus, Moved, Reason
-from services.executor.assign import assign, slots_wanted
 
 log = logging.getLogger(__name__)
 
@@ -56,39 +56,32 @@ class Dispatcher:
         self._hooks = hooks or DispatchHooks()
         self._publish_log = RateLimitedLog(log)
         self._publishing: set[asyncio.Task[None]] = set()
-        # The actions some worker had a free slot for in the last round, and how long
-        # until the next of their executions that is not due yet (a delay, a retry's
-        # backoff) becomes due: dispatch wakes up for it.
-        self._wanted: list[str] = []
+        # How long until the next execution that is not due yet (a delay, a retry's
+        # backoff) becomes due, as of the last round: dispatch wakes up for it.
         self.next_due_in: float | None = None
 
     async def dispatch_due(self) -> None:
         """Dispatch rounds until a round finds nothing more to do."""
         while await self.dispatch_round() >= self._settings.dispatch_batch_size:
             pass
-        self.next_due_in = await executions.next_due_in(self._pool, self._wanted)
+        self.next_due_in = await executions.next_due_in(self._pool)
 
     async def dispatch_round(self) -> int:
-        """One batch: claim, assign, commit SCHEDULED, publish. Returns how many."""
+        """One batch: claim, assign, commit SCHEDULED (executions.dispatch), then publish.
+        Returns how many."""
         if not self._publisher.connected:
             # Nothing could be delivered: leave the work REQUESTED until the broker is back.
             self._publish_log.log(logging.WARNING, "broker_down",
                                   "dispatch paused: no broker connection")
             return 0
-        scheduled: list[Dispatch] = []
+        round_id = uuid.uuid4()
         try:
-            async with db.transaction(self._pool) as conn:
-                eligible = await workers.lock_eligible(conn, self._settings.stale_after_s)
-                wanted = slots_wanted(eligible, self._settings.dispatch_batch_size)
-                self._wanted = list(wanted)
-                claimed = await executions.claim_due(conn, wanted)
-                scheduled = await executions.mark_scheduled(
-                    conn, assign(claimed, eligible), self._actor)
+            scheduled = await executions.dispatch(
+                self._pool, round_id=round_id, batch=self._settings.dispatch_batch_size,
+                stale_after_s=self._settings.stale_after_s, actor=self._actor)
             await self._hooks.after_commit(scheduled)
         except CONNECTION_ERRORS:
-            if not scheduled:
-                raise
-            scheduled = await self._committed(scheduled)
+            scheduled = await self._committed(round_id)
         if not scheduled:
             return 0
         count_moves("dispatch", [Moved(ExecutionStatus.REQUESTED, ExecutionStatus.SCHEDULED,
@@ -103,15 +96,17 @@ class Dispatcher:
         if self._publishing:
             await asyncio.wait(list(self._publishing))
 
-    async def _committed(self, scheduled: list[Dispatch]) -> list[Dispatch]:
-        """The connection broke at COMMIT: the reply was lost, maybe not the commit. Publish
-        what did commit now, rather than leave it to the schedule-to-start timeout."""
+    async def _committed(self, round_id: uuid.UUID) -> list[Dispatch]:
+        """The connection broke during a round: its reply was lost, maybe not its commit.
+        Publish what did commit now, rather than leave it to the schedule-to-start
+        timeout."""
         committed = await db.retrying(
-            lambda: executions.committed_dispatches(self._pool, scheduled),
+            lambda: executions.committed_dispatches(self._pool, round_id),
             deadline_s=COMMIT_CHECK_DEADLINE_S, what="check a dispatch commit",
         )
-        log.warning("dispatch commit reply lost: %d of %d dispatches had committed",
-                    len(committed), len(scheduled), extra={"event": "commit_reply_lost"})
+        if committed:
+            log.warning("dispatch reply lost: %d dispatches had committed", len(committed),
+                        extra={"event": "commit_reply_lost"})
         return committed
 
     async def _publish_all(self, scheduled: list[Dispatch]) -> None:

@@ -1,14 +1,14 @@
 """What runs inside a python child: attempt after attempt, until the worker lets it go.
 
 The worker writes one JSON job per line on the child's channel: {"execution_id",
-"action", "params", "attempt", "checkpoint", "memory_limit_bytes", "checkpoint_limit_bytes",
-"marker"}. The child answers on the same channel with JSON lines:
+"action", "params", "attempt", "checkpoint", "memory_limit_bytes", "checkpoint_limit_bytes"}.
+The child answers on the same channel with JSON lines:
 {"type": "checkpoint", "data": ...} any number of times, then exactly one
 {"type": "result", "ok": true, "result": ...} or {"type": "result", "ok": false,
 "error": {...}}, with "usage" (peak RSS, CPU and wall seconds of this attempt) and
 "retire" (true when this child should not be given another attempt). Whatever the
-action prints goes to stderr, which the worker reads; the child writes the job's marker
-there before the result, so the worker knows which output was this attempt's.
+action prints goes to stderr, which the worker reads; the child flushes it before it
+writes the result, so the worker has all of an attempt's output once its result comes.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ def run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict
             _limit_address_space(None)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.write(2, str(job["marker"]).encode())
     record.update(type="result", usage=usage.done(), retire=retire)
     return record
 

@@ -25,7 +25,7 @@ class Child:
     pid: int
     reader: asyncio.StreamReader  # the child's results
     writer: asyncio.StreamWriter  # jobs for the child
-    stderr: asyncio.StreamReader
+    stderr_fd: int  # the read end of its stderr, non-blocking
     exited: asyncio.Future[int]
 
     def kill(self) -> None:
@@ -52,6 +52,9 @@ class ForkServer:
         self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self._zygote is not None:  # a zygote that died: reap it before its successor
+            self._zygote.kill()
+            await self._zygote.wait()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._zygote = await asyncio.create_subprocess_exec(
@@ -113,12 +116,18 @@ class ForkServer:
         finally:
             theirs.close()
             os.close(stderr_w)
-        pid = await forked
+        try:
+            pid = await forked
+        except BaseException:
+            ours.close()
+            os.close(stderr_r)
+            raise
         # The exit may already have been reported; either way one future per pid.
         exited = self._exits.setdefault(pid, loop.create_future())
         exited.add_done_callback(lambda _: self._exits.pop(pid, None))
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**24)
-        return Child(pid, reader, writer, await _reader(stderr_r), exited)
+        os.set_blocking(stderr_r, False)
+        return Child(pid, reader, writer, stderr_r, exited)
 
     def _on_readable(self) -> None:
         assert self._sock is not None
@@ -157,11 +166,3 @@ class ForkServer:
         self._forked.clear()
         self._exits.clear()
 
-
-async def _reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=2**24)
-    await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
-    return reader

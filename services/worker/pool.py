@@ -13,11 +13,9 @@ one that goes over it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,10 +27,6 @@ from services.worker.forkserver import Child, ForkServer
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-# How long to wait for an attempt's output after its result (it is normally already
-# there), or for a dead child's last output (a grandchild may hold its stderr open).
-OUTPUT_GRACE_S = 1.0
-
 OnCheckpoint = Callable[[Any], Awaitable[None]]
 
 
@@ -57,54 +51,51 @@ def rss_bytes(pid: int) -> int | None:
 
 
 class _PooledChild:
-    """One child, its output, and what the watchdog knows of its current attempt."""
+    """One child, the tail of what it printed, and what the watchdog knows of its
+    current attempt."""
 
     def __init__(self, child: Child, tail_bytes: int) -> None:
         self.child = child
-        self.marker = f"\x00vigil-attempt-end-{secrets.token_hex(8)}\x00"
         self.attempts = 0
         self._tail_bytes = tail_bytes
-        self._buffer = bytearray()
-        self._output = b""
-        self._marked = asyncio.Event()
-        self._pump = asyncio.create_task(self._read_stderr(), name=f"child-{child.pid}-stderr")
+        self._output = bytearray()
         self.memory_limit: int | None = None
         self.peak_rss: int | None = None
         self.over_memory_limit = False
+        asyncio.get_running_loop().add_reader(child.stderr_fd, self.read_output)
 
     def begin(self, memory_limit: int | None) -> None:
         self.attempts += 1
         self.memory_limit, self.peak_rss, self.over_memory_limit = memory_limit, None, False
-        self._marked.clear()
-        self._output = b""
+        self.read_output()
+        self._output.clear()  # whatever came between attempts belongs to neither
 
-    async def output(self) -> str:
-        """What the attempt printed: up to the marker the child writes before its result,
-        or up to the end if it died."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._marked.wait(), OUTPUT_GRACE_S)
-        out = self._output if self._marked.is_set() else bytes(self._buffer)
-        return out[-self._tail_bytes:].decode(errors="replace") if self._tail_bytes else ""
+    def read_output(self) -> None:
+        """Take what the child printed so far, keeping the last tail_bytes. Called when
+        its stderr is readable, and once more when its result arrives: the child writes
+        all its output before its result, so by then every byte of it is in the pipe."""
+        while True:
+            try:
+                chunk = os.read(self.child.stderr_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:  # it exited
+                asyncio.get_running_loop().remove_reader(self.child.stderr_fd)
+                return
+            self._output += chunk
+            if len(self._output) > self._tail_bytes:
+                del self._output[:len(self._output) - self._tail_bytes]
 
-    async def _read_stderr(self) -> None:
-        marker = self.marker.encode()
-        with contextlib.suppress(ConnectionError):
-            await self._pump_stderr(marker)
-
-    async def _pump_stderr(self, marker: bytes) -> None:
-        while chunk := await self.child.stderr.read(65536):
-            self._buffer += chunk
-            if marker in self._buffer:
-                before, _, after = bytes(self._buffer).partition(marker)
-                self._output, self._buffer = before, bytearray(after)
-                self._marked.set()
-            elif len(self._buffer) > self._tail_bytes + len(marker):
-                del self._buffer[:len(self._buffer) - self._tail_bytes - len(marker)]
+    def output(self) -> str:
+        self.read_output()
+        return self._output.decode(errors="replace") if self._tail_bytes else ""
 
     async def close(self) -> None:
         self.child.writer.close()
-        self._pump.cancel()
-        await asyncio.gather(self._pump, return_exceptions=True)
+        asyncio.get_running_loop().remove_reader(self.child.stderr_fd)
+        os.close(self.child.stderr_fd)
 
 
 class ChildPool:
@@ -146,8 +137,7 @@ class ChildPool:
         self._busy.add(pc)
         try:
             pc.child.writer.write(json.dumps(
-                {**job, "marker": pc.marker, "memory_limit_bytes": memory_limit_bytes}
-            ).encode() + b"\n")
+                {**job, "memory_limit_bytes": memory_limit_bytes}).encode() + b"\n")
             record = await self._read_result(pc, on_checkpoint)
         except BaseException:
             pc.child.kill()
@@ -155,7 +145,7 @@ class ChildPool:
             self._replace(pc, "killed")
             raise
         self._busy.discard(pc)
-        output = await pc.output()
+        output = pc.output()
         if record is None:
             code = await pc.child.wait()
             self._replace(pc, "died")
@@ -171,11 +161,12 @@ class ChildPool:
         self._closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        # Replacements under way finish first (and close what they forked), then the rest.
+        await asyncio.gather(*self._tasks, self._watchdog or asyncio.sleep(0),
+                             return_exceptions=True)
         for pc in [*self._idle, *self._busy]:
             await pc.close()
         self._idle.clear()
-        await asyncio.gather(*self._tasks, self._watchdog or asyncio.sleep(0),
-                             return_exceptions=True)
 
     async def _read_result(self, pc: _PooledChild, on_checkpoint: OnCheckpoint,
                            ) -> dict[str, Any] | None:
@@ -220,15 +211,24 @@ class ChildPool:
 
     async def _renew(self, old: _PooledChild) -> None:
         await old.close()
-        if self._closing:
-            return
-        try:
-            child = await self._forkserver.spawn()
-        except (OSError, RuntimeError) as exc:
-            # Without a child the slot stays empty; the next replacement tries again.
-            log.error("could not fork a python child: %s", exc, extra={"event": "fork_failed"})
-            return
-        self._put(_PooledChild(child, self._tail_bytes))
+        child = await self._fork()
+        if child is not None and self._closing:
+            await child.close()
+        elif child is not None:
+            self._put(child)
+
+    async def _fork(self) -> _PooledChild | None:
+        """A new child, trying again (with backoff) until it comes or the pool closes."""
+        delay = 0.1
+        while not self._closing:
+            try:
+                return _PooledChild(await self._forkserver.spawn(), self._tail_bytes)
+            except (OSError, RuntimeError) as exc:
+                log.error("could not fork a python child (%s); trying again in %gs", exc,
+                          delay, extra={"event": "fork_failed"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
 
     async def _watch_memory(self) -> None:
         while True:

@@ -19,6 +19,8 @@ import random
 import socket
 import time
 import uuid
+from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +68,14 @@ MAX_MESSAGE_BYTES = 4096
 MAX_BATCH = 256
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A dispatch this worker received and has not started yet."""
+
+    message: AbstractIncomingMessage
+    token: Dispatch
+
+
 @dataclass
 class Running:
     """One attempt in progress on this worker."""
@@ -89,10 +99,13 @@ class Worker:
         self.offered = self._offered_actions()
         self.running: dict[uuid.UUID, Running] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
-        # Dispatches between their delivery and their entry in `running`.
-        self._claiming: set[DispatchMessage] = set()
+        # Deliveries held until a child is free (up to `prefetch` of them, so that a
+        # child never waits for the next dispatch), and every dispatch between its
+        # delivery and its entry in `running`.
+        self._waiting: deque[Delivery] = deque()
+        self._held: set[Dispatch] = set()
+        self._free = settings.capacity  # attempts that may start now
         self.draining = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.capacity)
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
         self._heartbeat_now = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
@@ -153,7 +166,7 @@ class Worker:
             broker.worker_connection_name(s.name, self.id),
         )
         channel = self._channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=s.capacity)
+        await channel.set_qos(prefetch_count=s.capacity + s.prefetch)
         self._queue = await broker.declare_worker_queue(channel, self.id)
         await action_rows.upsert(self.pool, [
             action_rows.ActionDefaults(a.name, a.max_attempts, a.timeout_s)
@@ -162,6 +175,7 @@ class Worker:
         await workers.register(self.pool, workers.Registration(
             id=self.id, name=s.name, hostname=socket.gethostname(), pid=os.getpid(),
             runtimes=list(s.runtimes), actions=list(self.offered), capacity=s.capacity,
+            prefetch=s.prefetch,
         ))
         self._loops = [
             asyncio.create_task(run_loop(
@@ -190,6 +204,7 @@ class Worker:
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
             except Exception as exc:  # the broker may be gone; the DB status still stops work
                 log.warning("could not cancel consumer: %s", describe(exc))
+        await self._give_back_waiting(Reason.REFUSED_DRAINING)
         if self._deliveries:  # deliveries in hand see `draining` and go back at once
             await asyncio.wait(list(self._deliveries), timeout=5)
         tasks = [r.task for r in self.running.values()]
@@ -230,7 +245,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         sample = memory.sample()
-        self._gate.update(sample)
+        await self._watch_memory(sample)
         WORKER_MEMORY.set(sample.used_bytes or 0)
         WORKER_PRESSURE.set(1 if self._gate.under_pressure else 0)
         status = await workers.heartbeat(
@@ -240,11 +255,25 @@ class Worker:
         if status is None:
             log.warning("worker %s has no live row; the executor will not route to it", self.id)
 
+    async def _watch_memory(self, sample: memory.MemorySample) -> bool:
+        """Feed the memory gate; when it closes, what is held goes elsewhere. True when
+        it changed."""
+        changed = self._gate.update(sample)
+        if changed and self._gate.under_pressure:
+            log.warning("worker %s short of memory (%s of %s bytes): taking no new work",
+                        self.id, sample.used_bytes, sample.limit_bytes,
+                        extra={"event": "memory_pressure"})
+            await self._give_back_waiting(Reason.REFUSED_MEMORY)
+        elif changed:
+            log.info("worker %s has memory again: taking work", self.id,
+                     extra={"event": "memory_pressure_over"})
+        return changed
+
     async def _check_ownership(self) -> None:
         """Kill attempts this worker no longer owns: cancelled, timed out, or reassigned
         after it was presumed lost; release those it owns but lost track of. Also
         watches memory between heartbeats."""
-        if self._gate.update(memory.sample()):
+        if await self._watch_memory(memory.sample()):
             self._heartbeat_now.set()
         await self._release_unknown()
         if not self.running:
@@ -261,7 +290,7 @@ class Worker:
                 r.task.cancel()
 
     async def _release_unknown(self) -> None:
-        known = [*self.running, *(d.execution_id for d in self._claiming)]
+        known = [*self.running, *(d.id for d in self._held)]
         for token in await executions.running_unknown(self.pool, self.id, known,
                                                        self.settings.orphan_grace_s):
             log.warning("execution %s attempt %d is RUNNING here by the database's books "
@@ -275,15 +304,20 @@ class Worker:
 
     # ---- deliveries ------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # aio-pika cancels this callback when the channel closes. The delivery is handled
-        # in a task of our own, so a RUNNING that gets committed always gets its attempt.
-        task = asyncio.create_task(self._handle_delivery(message))
+    def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # Plain (not async), so aio-pika runs it without a task of its own. The delivery
+        # is handled in a task of ours: aio-pika cancels its callbacks when the channel
+        # closes, and a RUNNING that gets committed must always get its attempt.
+        self._track(self._accept(message))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
-        await asyncio.shield(task)
 
-    async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
+    async def _accept(self, message: AbstractIncomingMessage) -> None:
+        """Check a delivery and hold it until a child is free; give it back at once if
+        this worker is stopping or short of memory."""
         if len(message.body) > MAX_MESSAGE_BYTES:
             await self._reject_bad(message, "oversize", f"{len(message.body)} bytes")
             return
@@ -292,88 +326,97 @@ class Worker:
         except ValidationError as exc:
             await self._reject_bad(message, "malformed", describe(exc))
             return
-        current = self.running.get(dispatch.execution_id)
-        if dispatch in self._claiming or (current and current.token.attempt == dispatch.attempt):
-            # A redelivery (the ack was lost with the connection) of work already ours.
-            await self._reject_bad(message, "duplicate", f"execution {dispatch.execution_id} "
-                                   f"attempt {dispatch.attempt} is already running here")
-            return
         token = Dispatch(dispatch.execution_id, dispatch.attempt, dispatch.dispatch, self.id)
-        refusal = await self._take_slot()
+        current = self.running.get(token.id)
+        if token in self._held or (current is not None and current.token == token):
+            # A redelivery (the ack was lost with the connection) of work already ours.
+            await self._reject_bad(message, "duplicate", f"execution {token.id} attempt "
+                                   f"{token.attempt} is already here")
+            return
+        refusal = self._refusal()
         if refusal is not None:
-            await self._give_back(message, token, refusal)
+            await self._give_back([Delivery(message, token)], refusal)
             return
-        self._claiming.add(dispatch)
-        try:
-            await self._claim(message, token)
-        finally:
-            self._claiming.discard(dispatch)
+        self._held.add(token)
+        self._waiting.append(Delivery(message, token))
+        self._start_waiting()
 
-    async def _claim(self, message: AbstractIncomingMessage, token: Dispatch) -> None:
-        """SCHEDULED -> RUNNING, then start the attempt and ack. Holds a slot."""
-        try:
-            started = await self._starts.submit(token)
-        except Exception as exc:
-            self._slots.release()
-            log.error("could not start %s: %s", token.id, describe(exc))
-            await _settle(message, ack=False)
-            return
-        if started is None:
-            self._slots.release()
-            count_moves("start", [], attempted=1)
-            await self._reject_bad(message, "stale", f"execution {token.id} attempt "
-                                   f"{token.attempt} dispatch {token.dispatch}")
-            return
-        # RUNNING is committed: from here Postgres owns the attempt, not the broker.
-        task = asyncio.create_task(self._run_attempt(started), name=f"attempt-{started.id}")
-        self.running[started.id] = Running(token, task)
-        WORKER_IN_FLIGHT.set(len(self.running))
-        task.add_done_callback(lambda _: self._attempt_done(started.id))
-        count_moves("start", [Moved(ExecutionStatus.SCHEDULED, ExecutionStatus.RUNNING,
-                                    Reason.STARTED)])
-        if message.timestamp is not None:
-            SCHEDULE_TO_START.observe(max(0.0, time.time() - message.timestamp.timestamp()))
-        await _settle(message, ack=True)
-
-    async def _take_slot(self) -> Reason | None:
-        """Wait for a free slot; or why not: the worker started draining (or is short of
-        memory) first."""
+    def _refusal(self) -> Reason | None:
+        """Why this worker takes no new work now, if it does not."""
         if self.draining.is_set():
             return Reason.REFUSED_DRAINING
         if self._gate.under_pressure:
             return Reason.REFUSED_MEMORY
-        acquire = asyncio.ensure_future(self._slots.acquire())
-        drain = asyncio.ensure_future(self.draining.wait())
-        await asyncio.wait({acquire, drain}, return_when=asyncio.FIRST_COMPLETED)
-        drain.cancel()
-        if not acquire.done():
-            acquire.cancel()
-            return Reason.REFUSED_DRAINING
-        if self.draining.is_set():
-            self._slots.release()
-            return Reason.REFUSED_DRAINING
         return None
 
-    async def _give_back(
-        self, message: AbstractIncomingMessage, token: Dispatch, why: Reason
-    ) -> None:
-        """Hand an unstarted delivery back for another worker at once, without counting
-        it as a delivery: REQUESTED again in Postgres, then ack. If the database can't
-        be reached, reject it: the dead-letter exchange takes it to the executor."""
+    def _start_waiting(self) -> None:
+        """Start held deliveries, oldest first, while children are free."""
+        while self._free > 0 and self._waiting:
+            self._free -= 1
+            self._track(self._begin(self._waiting.popleft()))
+
+    async def _begin(self, d: Delivery) -> None:
+        """SCHEDULED -> RUNNING (with whatever else starts now), then run the attempt and
+        ack. Holds a child."""
+        try:
+            started = await self._starts.submit(d.token)
+        except Exception as exc:
+            log.error("could not start %s: %s", d.token.id, describe(exc))
+            started = None
+            await _settle(d.message, ack=False)
+        else:
+            if started is None:
+                count_moves("start", [], attempted=1)
+                await self._reject_bad(d.message, "stale", f"execution {d.token.id} attempt "
+                                       f"{d.token.attempt} dispatch {d.token.dispatch}")
+        finally:
+            self._held.discard(d.token)
+        if started is None:
+            self._child_free()
+            return
+        # RUNNING is committed: from here Postgres owns the attempt, not the broker.
+        task = asyncio.create_task(self._run_attempt(started), name=f"attempt-{started.id}")
+        self.running[started.id] = Running(d.token, task)
+        WORKER_IN_FLIGHT.set(len(self.running))
+        task.add_done_callback(lambda _: self._attempt_done(started.id))
+        count_moves("start", [Moved(ExecutionStatus.SCHEDULED, ExecutionStatus.RUNNING,
+                                    Reason.STARTED)])
+        if d.message.timestamp is not None:
+            SCHEDULE_TO_START.observe(max(0.0, time.time() - d.message.timestamp.timestamp()))
+        await _settle(d.message, ack=True)
+
+    async def _give_back_waiting(self, why: Reason) -> None:
+        """Hand every held delivery back (the worker is stopping, or short of memory)."""
+        waiting, self._waiting = list(self._waiting), deque()
+        if waiting:
+            await self._give_back(waiting, why)
+
+    async def _give_back(self, deliveries: list[Delivery], why: Reason) -> None:
+        """Hand unstarted deliveries back for another worker at once, without counting
+        them as deliveries: REQUESTED again in Postgres, then ack. If the database can't
+        be reached, reject them: the dead-letter exchange takes them to an executor."""
+        tokens = [d.token for d in deliveries]
         try:
             moves = await executions.release_dispatches(
-                self.pool, [token], reason=why, actor=f"worker:{self.id}")
+                self.pool, tokens, reason=why, actor=f"worker:{self.id}")
         except Exception as exc:
-            log.warning("could not give back %s (%s): %s", token.id, why, describe(exc))
-            await _settle(message, ack=False)
-            return
-        count_moves("give_back", moves, attempted=1)
-        await _settle(message, ack=True)
+            log.warning("could not give back %d deliveries (%s): %s", len(tokens), why,
+                        describe(exc))
+            moves = None
+        else:
+            count_moves("give_back", moves, attempted=len(tokens))
+        for d in deliveries:
+            self._held.discard(d.token)
+            await _settle(d.message, ack=moves is not None)
 
     def _attempt_done(self, execution_id: uuid.UUID) -> None:
         self.running.pop(execution_id, None)
-        self._slots.release()
         WORKER_IN_FLIGHT.set(len(self.running))
+        self._child_free()
+
+    def _child_free(self) -> None:
+        self._free += 1
+        self._start_waiting()
 
     async def _reject_bad(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
         """Count and set aside a delivery this worker cannot use: rejected without requeue,

@@ -13,6 +13,12 @@ ALTER TABLE executions ADD COLUMN killed_attempts integer NOT NULL DEFAULT 0
 ALTER TABLE executions ADD COLUMN checkpoint_attempt integer;
 -- What the attempt a transition ended used: peak RSS, CPU seconds, wall seconds.
 ALTER TABLE execution_history ADD COLUMN usage jsonb;
+-- The dispatch round that last scheduled it: an executor whose round's COMMIT reply was
+-- lost asks which rows the round committed, and publishes those at once.
+ALTER TABLE executions ADD COLUMN dispatch_round uuid;
+-- Dispatches a worker may hold beyond the attempts it runs (capacity): dispatch fills
+-- capacity + prefetch, so that a worker's free child never waits for the next one.
+ALTER TABLE workers ADD COLUMN prefetch integer NOT NULL DEFAULT 0 CHECK (prefetch >= 0);
 
 -- An idempotency key is optional: only the rows that have one need the unique index.
 ALTER TABLE executions DROP CONSTRAINT executions_idempotency_key_key;
@@ -80,6 +86,7 @@ $$;
 
 -- Attempts that ended, each fenced by its token (id, attempt, dispatch, worker): what
 -- each leads to is vigil_after_attempt's rule; the history row is written with the move.
+-- (PL/pgSQL rather than SQL, so that the statement's plan is kept between calls.)
 -- Used by the workers (outcomes) and the timeout monitor (lost workers, timeouts), so an
 -- attempt ends the same way whoever ends it.
 CREATE FUNCTION vigil_end_attempts(
@@ -88,7 +95,10 @@ CREATE FUNCTION vigil_end_attempts(
     p_retry_delays_s float8[], p_results jsonb[], p_errors jsonb[], p_usages jsonb[],
     p_actor text)
 RETURNS TABLE (id uuid, to_status text, reason text)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH moved AS (
         UPDATE executions e
         SET (status, reason, attempt, dispatches, unpublished, not_before, finished_at,
@@ -111,8 +121,8 @@ LANGUAGE sql AS $$
                error, usage
         FROM moved
     )
-    SELECT id, status, reason FROM moved
-$$;
+    SELECT m.id, m.status, m.reason FROM moved m;
+END $$;
 
 -- Dispatches that never started, each fenced by its token: back to REQUESTED, or FAILED
 -- (vigil_after_dispatch's rule); the history row records why each came back. Used by the
@@ -123,7 +133,10 @@ CREATE FUNCTION vigil_release_dispatches(
     p_reasons text[], p_counted boolean, p_max_dispatches integer, p_exhausted text,
     p_actor text)
 RETURNS TABLE (id uuid, to_status text, reason text)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH moved AS (
         UPDATE executions e
         SET (status, reason, unpublished, finished_at, error)
@@ -142,8 +155,113 @@ LANGUAGE sql AS $$
         SELECT id, attempt, dispatches, 'SCHEDULED', status, reason, p_actor, worker_id
         FROM moved
     )
-    SELECT id, status, reason FROM moved
-$$;
+    SELECT m.id, m.status, m.reason FROM moved m;
+END $$;
+
+-- One dispatch round in one call (so one round trip and one commit), `p_round` naming it:
+-- 1. lock the ACTIVE workers, in id order, so that concurrent executors serialise their
+--    slot accounting and never deadlock;
+-- 2. count each eligible worker's free slots (ACTIVE, fresh heartbeat by database time,
+--    not short of memory: capacity + prefetch - what is SCHEDULED or RUNNING on it), in a
+--    statement of its own, so that it sees what the round before this one committed;
+-- 3. claim, per action, at most as many due REQUESTED executions as there are free slots
+--    for it (oldest first, SKIP LOCKED), so that one action's backlog never holds back
+--    another's;
+-- 4. give each claimed execution to the worker offering its action with the most free
+--    slots, avoiding the worker of its previous attempt when another can take it;
+-- 5. mark them SCHEDULED, with their history rows. Claimed executions no worker could
+--    take stay REQUESTED.
+CREATE FUNCTION vigil_dispatch(p_round uuid, p_batch integer, p_stale_after_s float8,
+                               p_reason text, p_actor text)
+RETURNS TABLE (id uuid, attempt integer, dispatch integer, worker_id text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    ids text[];  -- the eligible workers, and what each may still take
+    free integer[];
+    offer_worker integer[];  -- (worker, action) pairs: who offers what
+    offer_action text[];
+    claimed record;
+    best integer;
+    best_rank integer;
+    rank integer;
+    chosen_ids uuid[] := '{}';
+    chosen_attempts integer[] := '{}';
+    chosen_workers text[] := '{}';
+BEGIN
+    PERFORM 1 FROM workers WHERE status = 'ACTIVE' ORDER BY workers.id FOR UPDATE;
+
+    SELECT array_agg(w.id ORDER BY w.id), array_agg(w.free ORDER BY w.id) INTO ids, free
+    FROM (SELECT w.id, w.capacity + w.prefetch - (
+                     SELECT count(*) FROM executions e
+                     WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING')) AS free
+          FROM workers w
+          WHERE w.status = 'ACTIVE' AND NOT w.memory_pressure
+            AND w.last_heartbeat_at > now() - make_interval(secs => p_stale_after_s)) w
+    WHERE w.free > 0;
+    IF ids IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(o.n), array_agg(o.action) INTO offer_worker, offer_action
+    FROM (SELECT t.n, unnest(w.actions) AS action
+          FROM unnest(ids) WITH ORDINALITY AS t(id, n) JOIN workers w ON w.id = t.id) o;
+
+    FOR claimed IN
+        SELECT c.id, c.action, c.attempt, c.worker_id AS previous
+        FROM (SELECT o.action, least(p_batch, sum(free[o.n]))::int AS n
+              FROM unnest(offer_worker, offer_action) AS o(n, action)
+              GROUP BY o.action) AS wanted
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.action, e.attempt, e.worker_id, e.not_before
+            FROM executions e
+            WHERE e.status = 'REQUESTED' AND e.action = wanted.action AND e.not_before <= now()
+            ORDER BY e.not_before, e.id
+            LIMIT wanted.n
+            FOR UPDATE SKIP LOCKED
+        ) c
+        ORDER BY c.not_before, c.id
+        LIMIT p_batch
+    LOOP
+        best := NULL;
+        best_rank := -1;
+        FOR k IN 1 .. cardinality(offer_worker) LOOP
+            CONTINUE WHEN offer_action[k] <> claimed.action OR free[offer_worker[k]] = 0;
+            -- Not its previous worker first, then the most free slots.
+            rank := free[offer_worker[k]]
+                    + CASE WHEN ids[offer_worker[k]] IS DISTINCT FROM claimed.previous
+                           THEN 1000000 ELSE 0 END;
+            IF rank > best_rank THEN
+                best := offer_worker[k];
+                best_rank := rank;
+            END IF;
+        END LOOP;
+        CONTINUE WHEN best IS NULL;
+        free[best] := free[best] - 1;
+        chosen_ids := chosen_ids || claimed.id;
+        chosen_attempts := chosen_attempts || claimed.attempt;
+        chosen_workers := chosen_workers || ids[best];
+    END LOOP;
+
+    RETURN QUERY
+    WITH moved AS (
+        UPDATE executions e
+        SET status = 'SCHEDULED', worker_id = a.worker_id, dispatches = e.dispatches + 1,
+            dispatch_round = p_round, scheduled_at = now(), updated_at = now()
+        FROM unnest(chosen_ids, chosen_attempts, chosen_workers) AS a(id, attempt, worker_id)
+        -- By primary key: (...) IS TRUE keeps the planner off the index of every
+        -- REQUESTED row (a plan kept from when the table was small would read them all).
+        WHERE e.id = ANY(chosen_ids) AND e.id = a.id AND (e.status = 'REQUESTED') IS TRUE
+          AND e.attempt = a.attempt
+        RETURNING e.id, e.attempt, e.dispatches, e.worker_id
+    ), history AS (
+        INSERT INTO execution_history (execution_id, attempt, dispatch, from_status,
+                                       to_status, reason, actor, worker_id)
+        SELECT m.id, m.attempt, m.dispatches, 'REQUESTED', 'SCHEDULED', p_reason, p_actor,
+               m.worker_id
+        FROM moved m
+    )
+    SELECT m.id, m.attempt, m.dispatches, m.worker_id FROM moved m;
+END $$;
 
 -- Wake the executors when there is something to dispatch: new work, or a slot freed by
 -- an execution leaving SCHEDULED or RUNNING. A start (SCHEDULED -> RUNNING) or a

@@ -61,26 +61,15 @@ LIMIT :limit;
 -- name: count_by_status
 SELECT status, count(*) AS n FROM executions GROUP BY status ORDER BY status;
 
--- name: claim_due
--- Claims, per action, at most as many due executions as there are free slots for it,
--- so one action's backlog never holds back another's.
-SELECT c.id, c.action, c.attempt, c.worker_id AS previous_worker_id
-FROM unnest(:actions::text[], :limits::int[]) AS wanted(action, n)
-CROSS JOIN LATERAL (
-    SELECT e.id, e.action, e.attempt, e.worker_id, e.not_before
-    FROM executions e
-    WHERE e.status = 'REQUESTED' AND e.action = wanted.action AND e.not_before <= now()
-    ORDER BY e.not_before, e.id
-    LIMIT wanted.n
-    FOR UPDATE SKIP LOCKED
-) c
-ORDER BY c.not_before, c.id;
+-- name: dispatch
+-- One dispatch round (vigil_dispatch): what it marked SCHEDULED, to be published.
+SELECT * FROM vigil_dispatch(:round_id, :batch, :stale_after_s, :reason, :actor);
 
 -- name: next_due
--- How long until the earliest REQUESTED execution of these actions that is not due yet
--- (a delayed one, or a retry in its backoff) becomes due; NULL if there is none.
+-- How long until the earliest REQUESTED execution that is not due yet (a delayed one, or
+-- a retry in its backoff) of an action some worker offers becomes due; NULL if none.
 SELECT extract(epoch FROM min(n.not_before) - now())::float8
-FROM unnest(:actions::text[]) AS wanted(action)
+FROM (SELECT DISTINCT unnest(actions) AS action FROM workers WHERE status = 'ACTIVE') wanted
 CROSS JOIN LATERAL (
     SELECT e.not_before FROM executions e
     WHERE e.status = 'REQUESTED' AND e.action = wanted.action AND e.not_before > now()
@@ -88,37 +77,11 @@ CROSS JOIN LATERAL (
     LIMIT 1
 ) n;
 
--- name: mark_scheduled
--- Claimed rows (locked by claim_due in this transaction) become SCHEDULED. The status is
--- compared as `(...) IS TRUE` so that the planner cannot read these rows through the
--- REQUESTED index (a stale count of REQUESTED rows once made it scan them all); it finds
--- them by primary key, at the same cost however deep the backlog.
-WITH moved AS (
-    UPDATE executions e
-    SET status = 'SCHEDULED', worker_id = a.worker_id, dispatches = e.dispatches + 1,
-        scheduled_at = now(), updated_at = now()
-    FROM unnest(:ids::uuid[], :attempts::int[], :worker_ids::text[]) AS a(id, attempt, worker_id)
-    WHERE e.id = ANY(:ids) AND e.id = a.id AND (e.status = 'REQUESTED') IS TRUE
-      AND e.attempt = a.attempt
-    RETURNING e.id, e.attempt, e.dispatches, e.worker_id
-), history AS (
-    INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
-                                   reason, actor, worker_id)
-    SELECT id, attempt, dispatches, 'REQUESTED', 'SCHEDULED', :reason, :actor, worker_id
-    FROM moved
-)
-SELECT id, attempt, dispatches AS dispatch, worker_id FROM moved;
-
 -- name: committed_dispatches
--- Which of these dispatches are SCHEDULED as given: after the reply to their COMMIT was
--- lost, the ones that committed.
-SELECT e.id, e.attempt, e.dispatches AS dispatch, e.worker_id
-FROM executions e
-JOIN unnest(:ids::uuid[], :attempts::int[], :dispatches::int[], :worker_ids::text[])
-     AS d(id, attempt, dispatch, worker_id)
-  ON e.id = d.id AND e.attempt = d.attempt AND e.dispatches = d.dispatch
-     AND e.worker_id = d.worker_id
-WHERE e.id = ANY(:ids) AND e.status = 'SCHEDULED';
+-- What a dispatch round scheduled that is still SCHEDULED: after the reply to its COMMIT
+-- was lost, what it committed.
+SELECT id, attempt, dispatches AS dispatch, worker_id FROM executions
+WHERE status = 'SCHEDULED' AND dispatch_round = :round_id;
 
 -- name: release_dispatches
 -- Dispatches that never started go back to REQUESTED, or FAILED max_dispatches, each
@@ -279,7 +242,7 @@ WITH waiting AS (
                 format('no eligible worker took it within %ss', :queue_timeout_s::float8)),
         updated_at = now()
     FROM waiting
-    WHERE e.id = waiting.id AND e.status = 'REQUESTED'
+    WHERE e.id = waiting.id AND (e.status = 'REQUESTED') IS TRUE  -- see mark_scheduled
     RETURNING e.id, e.attempt, e.dispatches, e.error
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
@@ -318,7 +281,7 @@ SELECT from_status FROM moved;
 -- FAILED for :only_reason if it is not NULL.
 WITH before AS (
     SELECT id, status FROM executions
-    WHERE id = ANY(:ids::uuid[]) AND status IN ('FAILED', 'TIMED_OUT', 'CANCELLED')
+    WHERE id = ANY(:ids::uuid[]) AND (status IN ('FAILED', 'TIMED_OUT', 'CANCELLED')) IS TRUE
       AND (:only_reason::text IS NULL OR (status = 'FAILED' AND reason = :only_reason))
     FOR UPDATE
 ), moved AS (

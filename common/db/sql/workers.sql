@@ -1,8 +1,8 @@
 -- Every query on workers. Liveness is judged by database time only.
 
 -- name: register
-INSERT INTO workers (id, name, hostname, pid, status, runtimes, actions, capacity)
-VALUES (:id, :name, :hostname, :pid, 'ACTIVE', :runtimes, :actions, :capacity)
+INSERT INTO workers (id, name, hostname, pid, status, runtimes, actions, capacity, prefetch)
+VALUES (:id, :name, :hostname, :pid, 'ACTIVE', :runtimes, :actions, :capacity, :prefetch)
 RETURNING *;
 
 -- name: heartbeat
@@ -23,18 +23,6 @@ SET status = :status, status_reason = :reason,
 WHERE id = :id
 RETURNING status;
 
--- name: eligible
--- Workers that may take work now, with their free slots. Run after lock_active, as its
--- own statement, so that it sees what the previous round committed.
-SELECT w.id, w.actions,
-       w.capacity - (SELECT count(*) FROM executions e
-                     WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING'))
-           AS free_slots
-FROM workers w
-WHERE w.status = 'ACTIVE' AND NOT w.memory_pressure
-  AND w.last_heartbeat_at > now() - make_interval(secs => :stale_after_s)
-ORDER BY w.id;
-
 -- name: offers_action
 -- Whether any worker that is not gone offers an action.
 SELECT EXISTS (
@@ -49,11 +37,6 @@ SELECT w.*,
         WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING')) AS in_flight
 FROM workers w
 ORDER BY w.status = 'INACTIVE', w.name, w.started_at DESC;
-
--- name: lock_active
--- Serialises slot accounting between executors: each dispatch round locks the ACTIVE
--- workers (in id order, so rounds never deadlock) before counting their free slots.
-SELECT id FROM workers WHERE status = 'ACTIVE' ORDER BY id FOR UPDATE;
 
 -- name: mark_lost
 -- A worker whose connection closed without a clean shutdown.
