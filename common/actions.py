@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.errors import InvalidInput
 from common.state_machine import DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S
 
 ActionFn = Callable[["Context"], Any]
@@ -90,9 +91,13 @@ def action(
 
 
 def load(modules: list[str]) -> dict[str, ActionSpec]:
-    """Import the modules that define actions; return every registered action by name."""
+    """Import the modules that define actions; return every registered action by name.
+    A module that cannot be imported is InvalidInput naming it (a mistyped --actions)."""
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise InvalidInput(f"cannot import action module {module!r}: {exc}") from None
     return dict(_REGISTRY)
 
 

@@ -1,7 +1,8 @@
 """RabbitMQ: names, connections, topology and confirmed publishing.
 
-Queue behaviour (TTL, dead-lettering, expiry) lives in a policy, never in queue
-arguments, so operators can change it on a running system.
+Queue behaviour (TTL, dead-lettering, expiry, length bounds) lives in policies, never in
+queue arguments, so operators can change it on a running system; every queue Vigil
+declares is bounded by one.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import asyncio
 import base64
 import json
 import logging
+import random
+import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +24,7 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
@@ -38,8 +43,14 @@ log = logging.getLogger(__name__)
 DISPATCH_EXCHANGE = "vigil.dispatch"
 DEAD_LETTER_EXCHANGE = "vigil.dlx"
 DEAD_LETTER_QUEUE = "vigil.dead-letters"
+# Where the executors set aside dead letters they cannot use (malformed, foreign), for an
+# operator to read in the management UI: this exchange and its one queue.
+PARKING_EXCHANGE = "vigil.parking"
+PARKED_QUEUE = "vigil.parked"
 WORKER_QUEUE_PREFIX = "vigil.worker."
 WORKER_POLICY_NAME = "vigil-worker-queues"
+DEAD_LETTER_POLICY_NAME = "vigil-dead-letters"
+PARKED_POLICY_NAME = "vigil-parked"
 # The event exchange plugin's exchange, and the prefix of each executor's private queue
 # bound to it (in BrokerSettings.event_vhost).
 EVENT_EXCHANGE = "amq.rabbitmq.event"
@@ -61,17 +72,41 @@ def executor_events_queue(executor_id: str) -> str:
     return f"{EXECUTOR_EVENTS_QUEUE_PREFIX}{executor_id}"
 
 
+def _queue_policy(pattern: str, definition: dict) -> dict:
+    return {"pattern": pattern, "apply-to": "queues", "priority": 0, "definition": definition}
+
+
 def worker_policy(message_ttl_ms: int = 30_000, expires_ms: int = 3_600_000) -> dict:
-    return {
-        "pattern": r"^vigil\.worker\.",
-        "apply-to": "queues",
-        "priority": 0,
-        "definition": {
-            "message-ttl": message_ttl_ms,
-            "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-            "expires": expires_ms,
-        },
-    }
+    return _queue_policy(r"^vigil\.worker\.", {
+        "message-ttl": message_ttl_ms,
+        "dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "expires": expires_ms,
+    })
+
+
+def dead_letter_policy(max_length: int = 100_000, max_length_bytes: int = 256 * 2**20) -> dict:
+    """Bounded whatever arrives: past either limit the oldest dead letter is dropped (its
+    dispatch, never handled, is healed by the schedule-to-start timeout)."""
+    return _queue_policy(f"^{re.escape(DEAD_LETTER_QUEUE)}$", {
+        "max-length": max_length,
+        "max-length-bytes": max_length_bytes,
+        "overflow": "drop-head",
+    })
+
+
+def parked_policy(max_length: int = 10_000, max_length_bytes: int = 256 * 2**20) -> dict:
+    """Bounded: past either limit the oldest parked message is dropped."""
+    return _queue_policy(f"^{re.escape(PARKED_QUEUE)}$", {
+        "max-length": max_length,
+        "max-length-bytes": max_length_bytes,
+        "overflow": "drop-head",
+    })
+
+
+def policies() -> dict[str, dict]:
+    """Every policy Vigil's vhost needs, by name, with the shipped limits."""
+    return {WORKER_POLICY_NAME: worker_policy(), DEAD_LETTER_POLICY_NAME: dead_letter_policy(),
+            PARKED_POLICY_NAME: parked_policy()}
 
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -82,6 +117,21 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class _JitteredConnection(aio_pika.RobustConnection):
+    """Each reconnect waits a random time between half and all of its interval
+    (`BrokerSettings.reconnect_interval_s`), so the processes a broker restart cut off
+    together do not all come back at once. (aio-pika reads `reconnect_interval` before
+    every attempt.)"""
+
+    @property
+    def reconnect_interval(self) -> float:
+        return random.uniform(self._base_reconnect_interval / 2, self._base_reconnect_interval)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._base_reconnect_interval = value
+
+
 async def connect(
     settings: BrokerSettings, role: BrokerRole, connection_name: str, *, vhost: str | None = None,
 ) -> AbstractRobustConnection:
@@ -89,7 +139,9 @@ async def connect(
     management UI; to `vhost`, or the settings' vhost."""
     try:
         return await aio_pika.connect_robust(
-            settings.url(role, connection_name, vhost), timeout=settings.connect_timeout_s
+            settings.url(role, connection_name, vhost), timeout=settings.connect_timeout_s,
+            reconnect_interval=settings.reconnect_interval_s,
+            connection_class=_JitteredConnection,
         )
     except aiormq.exceptions.ProbableAuthenticationError:
         raise BrokerRefused(f"broker at {settings.address} refused the login of "
@@ -100,15 +152,17 @@ async def connect(
 
 
 async def declare_topology(channel: AbstractChannel) -> AbstractExchange:
-    """Declare the shared exchanges and the dead-letter queue; return the dispatch exchange."""
+    """Declare the shared exchanges, the dead-letter and the parking queue; return the
+    dispatch exchange."""
     dispatch = await channel.declare_exchange(
         DISPATCH_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    dlx = await channel.declare_exchange(
-        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    dead_letters = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
-    await dead_letters.bind(dlx, routing_key="")
+    for exchange, queue in ((DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE),
+                            (PARKING_EXCHANGE, PARKED_QUEUE)):
+        fanout = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT,
+                                                durable=True)
+        declared = await channel.declare_queue(queue, durable=True)
+        await declared.bind(fanout, routing_key="")
     return dispatch
 
 
@@ -122,6 +176,24 @@ async def declare_worker_queue(channel: AbstractChannel, worker_id: str) -> Abst
         raise BrokerNotSetUp(f"no exchange {DISPATCH_EXCHANGE!r} in Vigil's vhost: "
                              "run `vigil broker setup`") from None
     return queue
+
+
+async def keep_consuming(
+    queue: AbstractQueue, tag: str, callback: Callable[[AbstractIncomingMessage], Any],
+) -> str:
+    """The consumer tag in use on `queue`, consuming again first if the broker cancelled
+    ours: RabbitMQ does when a queue's process crashes and restarts, and aio-pika does not
+    notice. Returns the tag unchanged while the channel is away (a reconnect restores
+    it)."""
+    try:
+        channel = await asyncio.wait_for(queue.channel.get_underlay_channel(), 1.0)
+    except TimeoutError:
+        return tag
+    if tag in channel.consumers:
+        return tag
+    log.warning("the broker cancelled the consumer of %s; consuming again", queue.name,
+                extra={"event": "consumer_restored"})
+    return await queue.consume(callback)
 
 
 async def dead_letters_waiting(settings: BrokerSettings) -> int:
@@ -163,6 +235,26 @@ def management_api(
     except OSError as exc:
         raise BrokerUnavailable(address, exc) from None
     return json.loads(text) if text else None
+
+
+async def park(message: AbstractIncomingMessage, headers: dict[str, str],
+               timeout_s: float) -> None:
+    """Set a consumed message aside in the parking queue: a persistent copy is published,
+    confirmed within timeout_s, on the channel it came on; then the original is acked, so
+    it is never in neither queue. The copy carries `headers`, not the original's, so the
+    broker never acts on headers a stranger wrote (RabbitMQ 3.10 crashes a queue that
+    dead-letters a message with a forged `x-death`, and the queue's consumers with it).
+    Raises PublishFailed if the broker did not confirm it or could not route it."""
+    confirmed = await message.channel.basic_publish(
+        message.body, exchange=PARKING_EXCHANGE, routing_key="", mandatory=True,
+        timeout=timeout_s,
+        properties=aiormq.spec.Basic.Properties(
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
+            timestamp=datetime.now(UTC), headers=headers))
+    if not isinstance(confirmed, aiormq.spec.Basic.Ack):
+        why = "nacked" if isinstance(confirmed, aiormq.spec.Basic.Nack) else "could not route"
+        raise PublishFailed(f"{PARKING_EXCHANGE} {why} it")
+    await message.ack()
 
 
 class Publisher:

@@ -5,7 +5,8 @@ does. RabbitMQ checks `configure` to declare, `write` to publish to an exchange 
 queue, `read` to consume a queue or bind from an exchange:
 
 - an executor declares the shared topology, publishes dispatches, consumes the
-  dead-letter queue and follows the broker's events through a private queue;
+  dead-letter queue (setting aside what it cannot use in the parking queue) and follows
+  the broker's events through a private queue;
 - a worker declares its own queue, binds it to the dispatch exchange and consumes it: it
   can neither publish a dispatch nor read a dead letter. RabbitMQ cannot tie a user to
   one queue name, so a worker could still reach another worker's queue.
@@ -48,15 +49,18 @@ def _starting(prefix: str) -> str:
 _DISPATCH = _exactly(broker.DISPATCH_EXCHANGE)
 _DLX = _exactly(broker.DEAD_LETTER_EXCHANGE)
 _DEAD_LETTERS = _exactly(broker.DEAD_LETTER_QUEUE)
+_PARKING = _exactly(broker.PARKING_EXCHANGE)
+_PARKED = _exactly(broker.PARKED_QUEUE)
 _EVENTS = _exactly(broker.EVENT_EXCHANGE)
 _EVENT_QUEUES = _starting(broker.EXECUTOR_EVENTS_QUEUE_PREFIX)
 _WORKER_QUEUES = _starting(broker.WORKER_QUEUE_PREFIX)
 
 PERMISSIONS: dict[BrokerRole, Permissions] = {
     BrokerRole.EXECUTOR: Permissions(
-        configure=_names(_DISPATCH, _DLX, _DEAD_LETTERS, _EVENT_QUEUES),
-        write=_names(_DISPATCH, _DEAD_LETTERS, _EVENT_QUEUES),
-        read=_names(_DLX, _DEAD_LETTERS, _EVENTS, _EVENT_QUEUES),
+        # The parking queue is written, never read: that is for the administrator.
+        configure=_names(_DISPATCH, _DLX, _DEAD_LETTERS, _PARKING, _PARKED, _EVENT_QUEUES),
+        write=_names(_DISPATCH, _DEAD_LETTERS, _PARKING, _PARKED, _EVENT_QUEUES),
+        read=_names(_DLX, _DEAD_LETTERS, _PARKING, _EVENTS, _EVENT_QUEUES),
     ),
     BrokerRole.WORKER: Permissions(
         configure=_names(_WORKER_QUEUES),
@@ -71,7 +75,7 @@ def _put(settings: BrokerSettings, path: str, body: dict) -> None:
 
 
 def _grant(settings: BrokerSettings) -> None:
-    """Vhosts, users, permissions and the worker-queue policy, through the HTTP API."""
+    """Vhosts, users, permissions and the queue policies, through the HTTP API."""
     vhosts = {settings.vhost, settings.event_vhost}
     for vhost in vhosts:
         _put(settings, f"vhosts/{quote(vhost, safe='')}", {})
@@ -83,8 +87,8 @@ def _grant(settings: BrokerSettings) -> None:
         # An executor also follows events, which are published in the event vhost.
         for vhost in vhosts if role is BrokerRole.EXECUTOR else {settings.vhost}:
             _put(settings, f"permissions/{quote(vhost, safe='')}/{user}", asdict(permissions))
-    _put(settings, f"policies/{quote(settings.vhost, safe='')}/{broker.WORKER_POLICY_NAME}",
-         broker.worker_policy())
+    for name, policy in broker.policies().items():
+        _put(settings, f"policies/{quote(settings.vhost, safe='')}/{name}", policy)
 
 
 async def provision(settings: BrokerSettings) -> None:

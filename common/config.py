@@ -91,6 +91,10 @@ class BrokerSettings(BaseSettings):
                                     "(frozen, cut off), and the executor sees it LOST.")
     connect_timeout_s: float = Field(5.0, gt=0, le=120,
                                      description="Give up connecting after this long.")
+    reconnect_interval_s: float = Field(
+        2.0, gt=0, le=60, description="After a lost connection, try again every half to "
+                                      "whole of this (random, so that processes cut off "
+                                      "together do not all return at once).")
     publish_timeout_s: float = Field(
         5.0, gt=0, le=60, description="A publish not confirmed within this fails, "
                                       "and the execution goes back to REQUESTED.")
@@ -114,7 +118,19 @@ class BrokerSettings(BaseSettings):
         )
 
 
-class WorkerSettings(BaseSettings):
+class _ServiceSettings(BaseSettings):
+    """What every long-running service (executor, worker) has."""
+
+    startup_jitter_s: float = Field(
+        1.0, ge=0, le=300, description="Wait a random time up to this long before "
+                                       "connecting, so that replicas restarted together do "
+                                       "not all reconnect at once.")
+    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
+    metrics_port: int | None = Field(None, ge=1, le=65535,
+                                     description="Port of /metrics and /healthz; unset: off.")
+
+
+class WorkerSettings(_ServiceSettings):
     """How a worker registers, heartbeats, runs attempts and shuts down."""
 
     model_config = _config("VIGIL_WORKER_")
@@ -152,7 +168,8 @@ class WorkerSettings(BaseSettings):
     memory_budget_mb: int | None = Field(
         None, ge=16, le=1_048_576,
         description="Where no cgroup limit applies: the memory this worker and its "
-                    "children may use, for the memory gate. Unset: the machine's memory.")
+                    "children may use (the RSS of all of them), for the memory gate. "
+                    "Unset: the machine's memory.")
     orphan_grace_s: float = Field(
         5.0, ge=0, le=3600, description="An attempt RUNNING here by the database's books "
                                         "that the worker does not know of, started longer "
@@ -163,13 +180,12 @@ class WorkerSettings(BaseSettings):
     retry_base_delay_s: float = Field(1.0, ge=0, le=3600,
                                       description="Backoff before the 2nd attempt.")
     retry_max_delay_s: float = Field(300.0, ge=0, le=86_400, description="Backoff ceiling.")
-    memory_high_ratio: float = Field(0.85, gt=0, le=1,
-                                     description="Refuse work above this share of memory.max.")
+    memory_high_ratio: float = Field(
+        0.85, gt=0, le=1, description="Refuse work above this share of the memory limit "
+                                      "(the cgroup's, else memory_budget_mb, else the "
+                                      "machine's).")
     memory_low_ratio: float = Field(0.70, gt=0, lt=1,
                                     description="Take work again below this share.")
-    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
-    metrics_port: int | None = Field(None, ge=1, le=65535,
-                                     description="Port of /metrics and /healthz; unset: off.")
 
     @model_validator(mode="after")
     def _marks_in_order(self) -> WorkerSettings:
@@ -178,7 +194,7 @@ class WorkerSettings(BaseSettings):
         return self
 
 
-class ExecutorSettings(BaseSettings):
+class ExecutorSettings(_ServiceSettings):
     """Dispatch and the deadlines the executor enforces."""
 
     model_config = _config("VIGIL_EXECUTOR_")
@@ -207,9 +223,15 @@ class ExecutorSettings(BaseSettings):
         0.0, ge=0, le=3600, description="Delay before re-running a worker-lost attempt.")
     worker_events: bool = Field(True, description="Follow broker events to see worker "
                                                   "loss at once (heartbeats back it up).")
-    metrics_host: str = Field("127.0.0.1", description="Address of /metrics and /healthz.")
-    metrics_port: int | None = Field(None, ge=1, le=65535,
-                                     description="Port of /metrics and /healthz; unset: off.")
+    retention_s: float = Field(
+        7 * 86_400.0, gt=0, le=3650 * 86_400,
+        description="Finished executions older than this are deleted, with their history "
+                    "(and their idempotency keys can be used again).")
+    retention_interval_s: float = Field(
+        60.0, gt=0, le=86_400, description="How often retention looks for expired "
+                                           "executions (at once again after a full batch).")
+    retention_batch_size: int = Field(1000, ge=1, le=100_000,
+                                      description="Most executions retention deletes at once.")
 
     @property
     def stale_after_s(self) -> float:

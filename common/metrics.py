@@ -6,13 +6,16 @@ are answered by a plain HTTP server thread, not by the asyncio loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from common.state_machine import Moved
 
@@ -94,16 +97,24 @@ BATCH_SIZE = Histogram(
 
 
 
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: MetricWrapperBase, *values: str) -> Any:
+    """metric.labels(*values), looked up once: the hot path counts every execution, and
+    labels() takes a lock and builds a key each time. Only for metrics whose series are
+    never removed (a removed series would live on here)."""
+    return metric.labels(*values)
+
+
 def count_moves(operation: str, moves: Iterable[Moved], attempted: int | None = None) -> int:
     """Count what one query moved in vigil_transitions_total; when it was asked to move
     `attempted` executions, count the ones it did not move (someone else had) as fenced
     writes of `operation`. Returns how many moved."""
     moved = 0
     for m in moves:
-        TRANSITIONS.labels(m.from_status or "", m.to_status, m.reason).inc(m.n)
+        labelled(TRANSITIONS, m.from_status or "", m.to_status, m.reason).inc(m.n)
         moved += m.n
     if attempted is not None and attempted > moved:
-        FENCED_WRITES.labels(operation).inc(attempted - moved)
+        labelled(FENCED_WRITES, operation).inc(attempted - moved)
     return moved
 
 

@@ -4,6 +4,7 @@ and their vocabulary live in common/state_machine.py."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.state_machine import ExecutionStatus
+
+# A round dispatches at most ExecutorSettings.dispatch_batch_size (≤ 10,000) at once.
+MAX_DISPATCHES_PER_MESSAGE = 10_000
 
 
 class WorkerStatus(StrEnum):
@@ -20,19 +24,51 @@ class WorkerStatus(StrEnum):
     LOST = "LOST"
 
 
-class DispatchMessage(BaseModel):
-    """What the executor publishes to a worker's queue: a pointer, not the work.
+@dataclass(frozen=True)
+class Dispatch:
+    """One delivery of one attempt to one worker: the fencing token of SCHEDULED."""
 
-    The worker reads the action and params from Postgres when it claims the attempt,
+    id: uuid.UUID
+    attempt: int
+    dispatch: int
+    worker_id: str
+
+
+class Pointer(BaseModel):
+    """One dispatch: run attempt `attempt` (delivery `dispatch`) of an execution."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    execution_id: uuid.UUID
+    # Bounded as Postgres' integer is: one absurd pointer must not fail the statement
+    # that starts its well-formed neighbours.
+    attempt: int = Field(ge=1, le=2**31 - 1)
+    dispatch: int = Field(ge=1, le=2**31 - 1)
+
+
+class DispatchMessage(BaseModel):
+    """What the executor publishes to a worker's queue: pointers, not the work. One
+    message carries every dispatch of a round for that worker, so a busy round costs
+    the broker one message per worker rather than one per execution.
+
+    The worker reads the action and params from Postgres when it claims each attempt,
     so a late or duplicated message can never carry stale parameters.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    v: int = Field(1, ge=1, le=1)
-    execution_id: uuid.UUID
-    attempt: int = Field(ge=1)
-    dispatch: int = Field(ge=1)
+    v: int = Field(2, ge=2, le=2)
+    dispatches: list[Pointer] = Field(min_length=1, max_length=MAX_DISPATCHES_PER_MESSAGE)
+
+    @classmethod
+    def of(cls, dispatches: list[Dispatch]) -> DispatchMessage:
+        return cls(dispatches=[Pointer(execution_id=d.id, attempt=d.attempt,
+                                       dispatch=d.dispatch) for d in dispatches])
+
+    def tokens(self, worker_id: str) -> list[Dispatch]:
+        """Its dispatches, as tokens of the worker whose queue it came through."""
+        return [Dispatch(p.execution_id, p.attempt, p.dispatch, worker_id)
+                for p in self.dispatches]
 
 
 class Execution(BaseModel):

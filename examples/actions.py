@@ -85,3 +85,29 @@ def hog(ctx: Context) -> None:
 def big_checkpoint(ctx: Context) -> None:
     """Saves a checkpoint of params["bytes"] bytes."""
     ctx.save_checkpoint("x" * int(ctx.params["bytes"]))
+
+
+@action("demo.not_json")
+def not_json(ctx: Context) -> set[int]:
+    """Returns what JSON cannot hold: the attempt fails, saying so."""
+    return {1, 2}
+
+
+@action("demo.memory_hog", memory_limit_mb=256)
+def memory_hog(ctx: Context) -> None:
+    """demo.hog under a 256 MiB cap: every attempt runs into its cap and is stopped
+    there, so the execution ends FAILED `poison` (seed 003) and its worker lives on."""
+    hog(ctx)
+
+
+@action("demo.hold")
+def hold(ctx: Context) -> dict[str, int]:
+    """Holds params["mib"] MiB of real (touched) memory, as a big job does while it works,
+    until the file params["until"] exists or params["seconds"] (default 60) have passed:
+    its worker's memory gate sees it."""
+    held = b"\x01" * (int(ctx.params["mib"]) << 20)
+    until = ctx.params.get("until")
+    deadline = time.monotonic() + float(ctx.params.get("seconds", 60))
+    while time.monotonic() < deadline and not (until and os.path.exists(until)):
+        time.sleep(0.05)
+    return {"held_mib": len(held) >> 20}

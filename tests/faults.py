@@ -15,7 +15,7 @@ import sys
 
 from common import logs, service
 from common.config import BrokerSettings, DatabaseSettings, ExecutorSettings
-from common.db.executions import Dispatch
+from common.models import Dispatch
 from services.executor.dispatcher import DispatchHooks
 from services.executor.service import Executor
 

@@ -8,6 +8,7 @@ see each other's rows or queues.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -34,7 +35,18 @@ from common.state_machine import TERMINAL, ExecutionStatus
 from common.submission import Submission
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE_DB = "vigil_template"
+def _template_name() -> str:
+    """The template is named for the migrations it was built from: a session never
+    clones one built from other migrations, nor rebuilds one another session clones."""
+    from common.db.migrate import available
+
+    digest = hashlib.sha256(b"".join(path.read_bytes() for _, _, path in available()))
+    return f"vigil_template_{digest.hexdigest()[:12]}"
+
+
+TEMPLATE_DB = _template_name()
+# Serialises building the template between concurrent test sessions.
+_TEMPLATE_LOCK_KEY = 0x5649_4754  # "VIGT"
 
 # Deadlines shortened for tests, so that failure handling shows within seconds.
 FAST_TIMINGS = {
@@ -45,6 +57,8 @@ FAST_TIMINGS = {
     "VIGIL_WORKER_RETRY_BASE_DELAY_S": "0.1",
     "VIGIL_WORKER_RETRY_MAX_DELAY_S": "0.5",
     "VIGIL_WORKER_SHUTDOWN_GRACE_S": "10",
+    "VIGIL_WORKER_STARTUP_JITTER_S": "0",
+    "VIGIL_EXECUTOR_STARTUP_JITTER_S": "0",
 }
 
 
@@ -345,17 +359,24 @@ async def destroy_env(env: Env) -> None:
 
 
 async def create_template() -> None:
-    """(Re)create the migrated template database the tests clone."""
+    """Create the migrated template database the tests clone, unless it exists."""
     from common.db.migrate import migrate
 
     admin = await _connect()
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        await admin.execute("SELECT pg_advisory_lock($1)", _TEMPLATE_LOCK_KEY)
+        if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", TEMPLATE_DB):
+            return
+        # Built under another name and renamed when complete: a session killed half-way
+        # leaves no half-migrated template behind.
+        building = f"{TEMPLATE_DB}_building"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{building}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{building}"')
+        conn = await _connect(building)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{TEMPLATE_DB}"')
     finally:
-        await admin.close()
-    conn = await _connect(TEMPLATE_DB)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+        await admin.close()  # and with it the lock

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from common.db.queries import Conn, load
-from common.models import DeadLetter, Execution, HistoryEntry
+from common.models import DeadLetter, Dispatch, Execution, HistoryEntry
 from common.state_machine import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
@@ -35,16 +35,6 @@ SQL = load("executions")
 class Submitted:
     id: uuid.UUID
     created: bool
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """One delivery of one attempt to one worker: the fencing token of SCHEDULED."""
-
-    id: uuid.UUID
-    attempt: int
-    dispatch: int
-    worker_id: str
 
 
 @dataclass(frozen=True)
@@ -185,32 +175,43 @@ async def release_dispatches(
 
 # ---- the worker's side ------------------------------------------------------------------
 
-async def start(conn: Conn, dispatches: Sequence[Dispatch], worker_id: str) -> list[Started]:
-    """SCHEDULED -> RUNNING for the dispatches this worker received; those it may not
-    start (stale tokens) are missing from the result."""
-    tokens = _tokens(dispatches)
-    del tokens["worker_ids"]
-    rows = await SQL["start"].fetch(conn, **tokens, worker_id=worker_id, reason=Reason.STARTED)
-    return [Started(**dict(r)) for r in rows]
+@dataclass(frozen=True)
+class Synced:
+    """What one sync moved: the attempts that started, and how the ended ones moved;
+    a token no longer this worker's is missing from either."""
+
+    started: dict[uuid.UUID, Started]
+    ended: dict[uuid.UUID, Moved]
 
 
-async def end_attempts(
-    conn: Conn, ended: Sequence[Ended], worker_id: str
-) -> dict[uuid.UUID, Moved]:
-    """Record how attempts ended, each fenced by its token; what each moved to, by id
-    (an attempt no longer this worker's is missing)."""
-    rows = await SQL["end_attempts"].fetch(
-        conn, ids=[e.id for e in ended], attempts=[e.attempt for e in ended],
-        dispatches=[e.dispatch for e in ended], outcomes=[e.outcome for e in ended],
-        reasons=[e.reason for e in ended], retryable=[e.retryable for e in ended],
-        killed=[e.killed for e in ended], retry_delays_s=[e.retry_delay_s for e in ended],
-        results=[e.result for e in ended],
-        errors=[e.error.as_json() if e.error else None for e in ended],
-        usages=[e.usage for e in ended], worker_ids=[worker_id] * len(ended),
-        actor=f"worker:{worker_id}",
+async def sync(
+    conn: Conn, worker_id: str, *, starts: Sequence[Dispatch] = (),
+    ends: Sequence[Ended] = (),
+) -> Synced:
+    """A worker's writes of one moment in one statement: record how attempts ended and
+    start (SCHEDULED -> RUNNING) the dispatches it received."""
+    rows = await SQL["sync"].fetch(
+        conn, worker_id=worker_id,
+        end_ids=[e.id for e in ends], end_attempts=[e.attempt for e in ends],
+        end_dispatches=[e.dispatch for e in ends], outcomes=[e.outcome for e in ends],
+        reasons=[e.reason for e in ends], retryable=[e.retryable for e in ends],
+        killed=[e.killed for e in ends], retry_delays_s=[e.retry_delay_s for e in ends],
+        results=[e.result for e in ends],
+        errors=[e.error.as_json() if e.error else None for e in ends],
+        usages=[e.usage for e in ends],
+        start_ids=[d.id for d in starts], start_attempts=[d.attempt for d in starts],
+        start_dispatches=[d.dispatch for d in starts], started_reason=Reason.STARTED,
     )
-    return {r["id"]: Moved(ExecutionStatus.RUNNING, ExecutionStatus(r["to_status"]),
-                           r["reason"]) for r in rows}
+    started, ended = {}, {}
+    for r in rows:
+        if r["started"]:
+            started[r["id"]] = Started(
+                r["id"], r["action"], r["params"], r["attempt"], r["dispatch"], r["timeout_s"],
+                r["checkpoint"], r["checkpoint_attempt"])
+        else:
+            ended[r["id"]] = Moved(ExecutionStatus.RUNNING, ExecutionStatus(r["to_status"]),
+                                   r["reason"])
+    return Synced(started, ended)
 
 
 async def running_not_owned(

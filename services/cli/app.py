@@ -1,7 +1,8 @@
 """`vigil`: submit and inspect executions, run the services, set up the servers.
 
-Exit codes: 0 success, 1 a failure (a server unavailable, an execution that did not
-succeed), 2 a usage error (nothing was changed).
+Exit codes: 0 success, 1 a failure (a server unavailable, a database not migrated, an
+execution that did not succeed, an unexpected error), 2 a usage error (nothing was
+changed). Each error is one line on stderr; --debug adds an unexpected error's traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
@@ -39,6 +41,7 @@ from services.cli import inputs, output
 from services.cli.dead_letters import dead_letters_app
 from services.cli.plumbing import (
     CLI_ACTOR,
+    FAILURE,
     ExecutionIdArg,
     JsonOpt,
     MaxAttemptsOpt,
@@ -46,16 +49,20 @@ from services.cli.plumbing import (
     ParamsJsonOpt,
     TimeoutOpt,
     existing,
+    failure,
     parse_or_exit,
     pooled,
+    run_cli,
     run_command,
+    set_debug,
+    usage_error,
+    with_pool,
 )
 from services.cli.schedules import schedules_app
 
 app = typer.Typer(
     help="Vigil: a distributed task system where nothing gets stuck, lost or run twice.",
     no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
     add_completion=False,
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -71,7 +78,16 @@ T = TypeVar("T")
 
 
 def main() -> None:
-    app()
+    run_cli(typer.main.get_command(app))
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option(
+        "--debug", envvar="VIGIL_DEBUG",
+        help="Show the whole traceback of an unexpected error.")] = False,
+) -> None:
+    set_debug(debug)
 
 
 # ---- executions ------------------------------------------------------------------------
@@ -134,7 +150,8 @@ def submit(
     else:
         output.console.print(f"{final.status} after attempt {final.attempt}"
                              + (f": {final.reason}" if final.reason else ""))
-    raise typer.Exit(0 if final.status == ExecutionStatus.SUCCEEDED else 1)
+    if final.status != ExecutionStatus.SUCCEEDED:
+        raise typer.Exit(FAILURE)
 
 
 async def _wait_for_end(pool: asyncpg.Pool, execution_id: Any, timeout_s: float) -> Execution:
@@ -212,7 +229,7 @@ def show(
     for name, value in fields:
         if value not in (None, ""):
             text = value if isinstance(value, str) else json.dumps(value, default=str)
-            output.console.print(f"{name:>10}  {text}", markup=False)
+            output.console.print(f"{name:>10}  {text}")
     output.table("history", ["at", "attempt", "dispatch", "from", "to", "reason", "by",
                              "used", "error"], [
         (output.when(h.at), h.attempt, h.dispatch, h.from_status or "", h.to_status, h.reason,
@@ -355,16 +372,58 @@ def top(
         pass
 
 
+@app.command()
+def prune(
+    older_than: Annotated[str, typer.Option(
+        help="Delete executions that finished more than this long ago: 36h, 7d, 90d.")],
+    batch: Annotated[int, typer.Option(
+        min=1, max=100_000, help="Executions deleted per statement (so per transaction).")]
+    = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete finished executions, with their history, that finished more than
+    --older-than ago. Unfinished executions are never touched."""
+    older_than_s = parse_or_exit(inputs.parse_duration, older_than, "--older-than")
+
+    @pooled
+    async def body(pool: asyncpg.Pool) -> int:
+        deleted = 0
+        while True:  # bounded batches, so no statement holds many locks for long
+            n = await executions.prune(pool, older_than_s=older_than_s, batch=batch)
+            deleted += n
+            if n < batch:
+                return deleted
+
+    deleted = body()
+    if as_json:
+        output.emit_json({"deleted": deleted})
+    else:
+        output.console.print(f"deleted {deleted} execution{'s' if deleted != 1 else ''} "
+                             f"finished more than {older_than} ago")
+
+
 # ---- services --------------------------------------------------------------------------
+
+ServiceNameOpt = Annotated[str | None, typer.Option(
+    help="Name shown in logs and the broker UI.")]
+MetricsPortOpt = Annotated[int | None, typer.Option(help="Serve /metrics and /healthz.")]
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+LogLevelOpt = Annotated[LogLevel, typer.Option(case_sensitive=False)]
 
 
 @app.command()
 def executor(
-    name: Annotated[str | None, typer.Option(help="Name shown in logs and the broker UI.")]
-    = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz.")]
-    = None,
-    log_level: Annotated[str, typer.Option()] = "INFO",
+    name: ServiceNameOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    log_level: LogLevelOpt = LogLevel.INFO,
 ) -> None:
     """Run an executor: dispatch, timeout monitor, dead letters, worker events."""
     from services.executor.main import run_executor
@@ -379,13 +438,11 @@ def worker(
     runtime: Annotated[str | None, typer.Option(
         help="Comma-separated runtimes to offer: shell, python.")] = None,
     capacity: Annotated[int | None, typer.Option(help="Attempts to run at once.")] = None,
-    name: Annotated[str | None, typer.Option(help="Name shown in logs and the broker UI.")]
-    = None,
+    name: ServiceNameOpt = None,
     actions: Annotated[list[str] | None, typer.Option(
         help="Python module that registers actions (repeatable).")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz.")]
-    = None,
-    log_level: Annotated[str, typer.Option()] = "INFO",
+    metrics_port: MetricsPortOpt = None,
+    log_level: LogLevelOpt = LogLevel.INFO,
 ) -> None:
     """Run a worker that offers the given runtimes and actions."""
     from services.worker.main import RUNTIMES, run_worker
@@ -399,12 +456,23 @@ def worker(
 
 
 def serve(what: str, run: Callable[..., None], settings: Any, log_level: str) -> None:
-    """Run a service until it is stopped; a failure to start is one line and exit 1."""
+    """Run a service until it is stopped; a failure to start (a database that is down or
+    not migrated, a module that cannot be imported) is one line and exit 1."""
     try:
+        check_database()
         run(settings, DatabaseSettings(), BrokerSettings(), log_level)
     except VigilError as exc:
-        output.fail(f"{what} stopped: {exc}")
-        raise typer.Exit(1) from None
+        failure(f"{what} stopped: {exc}")
+
+
+def check_database() -> None:
+    """Raise unless the database answers and is migrated: the services' own start-up
+    does not look at the schema, and would fail later and less clearly."""
+    asyncio.run(with_pool(_checked))
+
+
+async def _checked(pool: asyncpg.Pool) -> None:
+    """Nothing more to do: with_pool has checked the schema."""
 
 
 def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
@@ -415,8 +483,7 @@ def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         err = exc.errors()[0]
-        output.fail(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
-        raise typer.Exit(2) from None
+        usage_error(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
 
 
 # ---- set-up ----------------------------------------------------------------------------
@@ -426,12 +493,11 @@ def _settings(cls: type[T], overrides: dict[str, Any]) -> T:
 def db_migrate(as_json: JsonOpt = False) -> None:
     """Apply pending schema migrations (safe to run from several processes at once)."""
 
-    @pooled
     async def body(pool: asyncpg.Pool) -> list[int]:
         async with pool.acquire() as conn:
             return await migrate(conn)
 
-    applied = body()
+    applied = run_command(with_pool(body, check_schema=False))
     if as_json:
         output.emit_json({"applied": applied})
     else:

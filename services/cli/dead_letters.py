@@ -31,6 +31,7 @@ from services.cli.plumbing import (
     existing,
     parse_or_exit,
     pooled,
+    usage_error,
 )
 
 dead_letters_app = typer.Typer(
@@ -115,14 +116,13 @@ def inspect(
         return
     output.console.print(f"{e.id} ({e.action}) is {e.status}"
                          + (f" ({e.reason})" if e.reason else "")
-                         + f", attempt {e.attempt} of {e.max_attempts}", markup=False)
+                         + f", attempt {e.attempt} of {e.max_attempts}")
     if not rows:
         output.console.print("it has no dead letters")
         return
     _table(rows)
     if _requeueable(e):
-        output.console.print(f"run it again with: vigil dead-letters requeue {e.id}",
-                             markup=False)
+        output.console.print(f"run it again with: vigil dead-letters requeue {e.id}")
 
 
 @dead_letters_app.command("requeue")
@@ -140,11 +140,9 @@ def requeue(
     """Run executions that FAILED because their dispatches were dead-lettered
     (max_dispatches) again, each as a new attempt."""
     if bool(execution_ids) == all_:
-        output.fail("give the executions to requeue, or --all (not both)")
-        raise typer.Exit(2)
+        usage_error("give the executions to requeue, or --all (not both)")
     if execution_ids and (since or action):
-        output.fail("--since and --action go with --all")
-        raise typer.Exit(2)
+        usage_error("--since and --action go with --all")
     since_s = _since_s(since)
     ids = [parse_or_exit(execution_id_of, x) for x in execution_ids or []]
 

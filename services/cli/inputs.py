@@ -19,14 +19,7 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
     if params_json is not None:
         text = params_json
         if params_json.startswith("@"):
-            path = Path(params_json[1:])
-            try:
-                if path.stat().st_size > max_bytes:
-                    raise InvalidInput(
-                        f"params file {path} is over the limit of {max_bytes} bytes")
-                text = path.read_text()
-            except OSError as exc:
-                raise InvalidInput(f"cannot read params file {path}: {exc.strerror}") from None
+            text = _read_params_file(Path(params_json[1:]), max_bytes)
         try:
             loaded = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -52,6 +45,21 @@ def parse_params(pairs: list[str], params_json: str | None, max_bytes: int) -> d
     return params
 
 
+def _read_params_file(path: Path, max_bytes: int) -> str:
+    """The file's text, read no further than the limit: it may be a pipe, or /dev/zero."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read params file {path}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise InvalidInput(f"params file {path} is over the limit of {max_bytes} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput(f"params file {path} is not UTF-8 text") from None
+
+
 def parse_time(text: str, option: str) -> datetime:
     """An ISO 8601 time with a zone, e.g. 2026-12-01T09:00:00Z."""
     try:
@@ -66,14 +74,19 @@ def parse_time(text: str, option: str) -> datetime:
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+# Longer than any Vigil needs, and within what every use holds: a Postgres interval, a
+# schedule's integer every_s, a Python datetime.
+MAX_DURATION_S = 3650 * 86_400
 
 
 def parse_duration(text: str, option: str) -> float:
-    """'90s', '15m', '24h' or '7d' in seconds."""
+    """'90s', '15m', '24h' or '7d' in seconds, up to 3650d."""
     match = _DURATION.match(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise InvalidInput(f"{option} {text!r}: expected a duration like 90s, 15m, 24h or 7d")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)] if match else 0.0
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise InvalidInput(f"{option} {text!r}: expected a duration like 90s, 15m, 24h or 7d, "
+                           "at most 3650d")
+    return seconds
 
 
 def parse_cadence(every: str | None, cron: str | None) -> tuple[int | None, str | None]:

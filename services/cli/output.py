@@ -13,9 +13,12 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-# Piped output keeps whole lines instead of wrapping at 80 columns.
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output keeps whole lines instead of wrapping at 80 columns. What is printed holds
+# what users typed (names, params), so neither markup nor emoji codes are interpreted:
+# `[/x]` would be a MarkupError and `:smile:` an emoji.
+_PLAIN = {"highlight": False, "soft_wrap": True, "markup": False, "emoji": False}
+console = Console(width=None if sys.stdout.isatty() else 200, **_PLAIN)
+errors = Console(stderr=True, **_PLAIN)
 
 
 def emit_json(value: Any) -> None:
@@ -79,8 +82,12 @@ def progress(title: str) -> Iterator[Callable[[str], None]]:
 
 
 def warn(message: str) -> None:
-    errors.print(f"warning: {message}", markup=False)
+    errors.print(f"warning: {_one_line(message)}")
 
 
 def fail(message: str) -> None:
-    errors.print(f"error: {message}", markup=False)
+    errors.print(f"error: {_one_line(message)}")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines())

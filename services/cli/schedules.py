@@ -26,6 +26,7 @@ from services.cli.plumbing import (
     ParamOpt,
     ParamsJsonOpt,
     TimeoutOpt,
+    failure,
     parse_or_exit,
     pooled,
 )
@@ -94,7 +95,7 @@ def add(
         return
     output.console.print(f"schedule {created.name!r}: {created.action} {created.cadence}, "
                          f"overlap {created.overlap}; first at "
-                         f"{output.when(created.next_fire_at)}", markup=False)
+                         f"{output.when(created.next_fire_at)}")
 
 
 @schedules_app.command("ls")
@@ -125,9 +126,8 @@ def _change(name: str, change: str, paused: bool | None = None) -> None:
         return await schedules.set_paused(pool, name, paused, upcoming)
 
     if not body():
-        output.fail(f"no schedule {name!r}")
-        raise typer.Exit(1)
-    output.console.print(f"schedule {name!r} {change}", markup=False)
+        failure(f"no schedule {name!r}")
+    output.console.print(f"schedule {name!r} {change}")
 
 
 @schedules_app.command("rm")

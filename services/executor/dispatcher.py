@@ -5,9 +5,9 @@ goes straight back to REQUESTED; if the reply to the COMMIT is lost, the dispatc
 which dispatches committed and publishes those; if this process dies in between, the
 timeout monitor finds it SCHEDULED and never started, and puts it back.
 
-A round's publishes are confirmed in the background, so the next round need not wait
-for the broker's confirms: what a round may dispatch is bounded by the workers' free
-slots anyway.
+A round's dispatches to one worker go in one message, and the round's publishes are
+confirmed in the background, so the next round need not wait for the broker's confirms:
+what a round may dispatch is bounded by the workers' free slots anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import defaultdict
 
 import asyncpg
 
@@ -22,12 +23,11 @@ from common import db
 from common.broker import Publisher
 from common.config import ExecutorSettings
 from common.db import executions
-from common.db.executions import Dispatch
 from common.db.pool import CONNECTION_ERRORS
 from common.errors import PublishFailed
 from common.loops import RateLimitedLog
 from common.metrics import DISPATCHED, PUBLISH_FAILURES, count_moves
-from common.models import DispatchMessage
+from common.models import Dispatch, DispatchMessage
 from common.state_machine import ExecutionStatus, Moved, Reason
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Dispatcher:
             return 0
         count_moves("dispatch", [Moved(ExecutionStatus.REQUESTED, ExecutionStatus.SCHEDULED,
                                        Reason.DISPATCHED, len(scheduled))])
-        task = asyncio.create_task(self._publish_all(scheduled), name="publish")
+        task = asyncio.create_task(self._publish_all(scheduled, round_id), name="publish")
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
         return len(scheduled)
@@ -109,25 +109,29 @@ class Dispatcher:
                         extra={"event": "commit_reply_lost"})
         return committed
 
-    async def _publish_all(self, scheduled: list[Dispatch]) -> None:
-        results = await asyncio.gather(*(self._publish(d) for d in scheduled))
-        failed = [d for d, ok in zip(scheduled, results, strict=True) if not ok]
+    async def _publish_all(self, scheduled: list[Dispatch], round_id: uuid.UUID) -> None:
+        """One message per worker, carrying all of the round's dispatches to it."""
+        by_worker: dict[str, list[Dispatch]] = defaultdict(list)
+        for d in scheduled:
+            by_worker[d.worker_id].append(d)
+        results = await asyncio.gather(*(self._publish(worker_id, dispatches, round_id)
+                                         for worker_id, dispatches in by_worker.items()))
+        failed = [d for ok, dispatches in zip(results, by_worker.values(), strict=True)
+                  if not ok for d in dispatches]
         DISPATCHED.inc(len(scheduled) - len(failed))
         if failed:
             await self._release_unpublished(failed)
 
-    async def _publish(self, d: Dispatch) -> bool:
-        body = DispatchMessage(
-            execution_id=d.id, attempt=d.attempt, dispatch=d.dispatch
-        ).model_dump_json().encode()
+    async def _publish(self, worker_id: str, dispatches: list[Dispatch],
+                       round_id: uuid.UUID) -> bool:
+        body = DispatchMessage.of(dispatches).model_dump_json().encode()
         try:
-            await self._publisher.publish(
-                body, d.worker_id, message_id=f"{d.id}/{d.attempt}/{d.dispatch}"
-            )
+            await self._publisher.publish(body, worker_id, message_id=str(round_id))
         except PublishFailed as exc:
             PUBLISH_FAILURES.inc()
             self._publish_log.log(logging.WARNING, "publish_failed",
-                                  "dispatch of %s to %s failed: %s", d.id, d.worker_id, exc)
+                                  "dispatch of %d executions to %s failed: %s",
+                                  len(dispatches), worker_id, exc)
             return False
         return True
 

@@ -18,6 +18,6 @@ def run_executor(
         stalled_after = 10 * max(settings.dispatch_poll_interval_s, settings.monitor_interval_s)
         metrics.serve(settings.metrics_host, settings.metrics_port, metrics.loops_health(
             {"dispatch": stalled_after, "timeout_monitor": stalled_after,
-             "schedules": stalled_after}
+             "schedules": stalled_after, "retention": 10 * settings.retention_interval_s}
         ))
-    service.run(executor)
+    service.run(executor, startup_jitter_s=settings.startup_jitter_s)

@@ -1,8 +1,9 @@
 """The executor process: independent loops over one pool and one broker connection.
 
-Dispatch, the timeout monitor, schedules, dead-letter handling and worker events each run
-on their own (seed 000): one stuck or failing loop never holds up another. Any number of
-executors may run; they share nothing but Postgres rows, guarded by compare-and-set.
+Dispatch, the timeout monitor, schedules, retention, dead-letter handling and worker
+events each run on their own (seed 000): one stuck or failing loop never holds up
+another. Any number of executors may run; they share nothing but Postgres rows, guarded
+by compare-and-set.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from common import broker, db
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings, ExecutorSettings
@@ -22,6 +25,7 @@ from services.executor.dead_letters import DeadLetterHandler
 from services.executor.dispatcher import Dispatcher, DispatchHooks
 from services.executor.gauges import Gauges
 from services.executor.monitor import TimeoutMonitor
+from services.executor.retention import Retention
 from services.executor.schedules import Scheduler
 from services.executor.worker_events import EVENTS, WorkerEventHandler
 
@@ -29,9 +33,17 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "vigil_dispatch"
 LISTENER_CHECK_INTERVAL_S = 1.0
+CONSUMERS_CHECK_INTERVAL_S = 1.0
 GAUGES_INTERVAL_S = 5.0
 # Schedules fire at whole seconds (intervals) or minutes (cron).
 SCHEDULES_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Consumer:
+    queue: AbstractQueue
+    tag: str
+    callback: Callable[[AbstractIncomingMessage], Any]
 
 
 class Executor:
@@ -56,6 +68,7 @@ class Executor:
         # aio-pika restores channels, queues and consumers after a reconnect only while
         # something still references them.
         self._keep: list[object] = []
+        self._consumers: list[_Consumer] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -75,20 +88,24 @@ class Executor:
         monitor = TimeoutMonitor(pool, s, self.actor)
 
         consume_channel = await connection.channel()
-        await consume_channel.set_qos(prefetch_count=100)
+        # Dead letters may be large (up to the broker's message size): a few at a time.
+        await consume_channel.set_qos(prefetch_count=16)
         dead_letters = await consume_channel.declare_queue(broker.DEAD_LETTER_QUEUE, durable=True)
-        await dead_letters.consume(DeadLetterHandler(pool, s, self.actor).handle)
+        await self._consume(dead_letters, DeadLetterHandler(pool, s, self.actor).handle)
         self._keep += [publish_channel, dispatch_exchange, consume_channel, dead_letters]
         if s.worker_events:
             await self._follow_worker_events()
 
+        retention = Retention(pool, s)
         self._tasks = [
             self._loop("dispatch", dispatcher.dispatch_due, self._dispatch_interval,
                        self._dispatch_now),
             self._loop("timeout_monitor", monitor.sweep, s.monitor_interval_s, self._sweep_now),
             self._loop("dispatch_listener", self._keep_listening, LISTENER_CHECK_INTERVAL_S),
+            self._loop("consumers", self._keep_consuming, CONSUMERS_CHECK_INTERVAL_S),
             self._loop("gauges", Gauges(pool).refresh, GAUGES_INTERVAL_S),
             self._loop("schedules", Scheduler(pool).fire_due, SCHEDULES_INTERVAL_S),
+            self._loop("retention", retention.prune, s.retention_interval_s, retention.more),
         ]
         log.info("executor %s ready", self.id, extra={"event": "executor_ready"})
 
@@ -126,7 +143,17 @@ class Executor:
         assert self._pool is not None
         handler = WorkerEventHandler(self._pool, self._sweep_now.set,
                                      vhost=self.broker_settings.vhost)
-        await queue.consume(handler.handle)
+        await self._consume(queue, handler.handle)
+
+    async def _consume(
+        self, queue: AbstractQueue, callback: Callable[[AbstractIncomingMessage], Any],
+    ) -> None:
+        self._consumers.append(_Consumer(queue, await queue.consume(callback), callback))
+
+    async def _keep_consuming(self) -> None:
+        """Consume again where the broker cancelled a consumer (broker.keep_consuming)."""
+        for c in self._consumers:
+            c.tag = await broker.keep_consuming(c.queue, c.tag, c.callback)
 
     async def _keep_listening(self) -> None:
         """Hold a LISTEN connection so new work wakes dispatch at once; reconnect it

@@ -14,6 +14,7 @@ writes the result, so the worker has all of an attempt's output once its result 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import os
@@ -38,7 +39,8 @@ def serve(channel: socket.socket) -> None:
     out = channel.makefile("w", encoding="utf-8")
     for line in jobs:
         record = run_job(json.loads(line), lambda r: _emit(out, r))
-        _emit(out, record)
+        out.write(_result_line(record))
+        out.flush()
         if record["retire"]:
             return
 
@@ -46,6 +48,16 @@ def serve(channel: socket.socket) -> None:
 def _emit(out: IO[str], record: dict[str, Any]) -> None:
     out.write(json.dumps(record, default=repr) + "\n")
     out.flush()
+
+
+def _result_line(record: dict[str, Any]) -> str:
+    """The result record as a line; a result that is not JSON is the action's error."""
+    try:
+        return json.dumps(record) + "\n"
+    except (TypeError, ValueError) as exc:
+        failure = _failure(ErrorKind.ACTION_ERROR, f"the result is not JSON: {exc}",
+                           type=type(exc).__name__)
+        return json.dumps({**record, **failure, "result": None}, default=repr) + "\n"
 
 
 def run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -89,7 +101,6 @@ def _call_action(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) ->
         result = spec.fn(ctx)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-        json.dumps(result)  # a result that is not JSON is the action's error, not ours
     except MemoryError:
         raise
     except CheckpointTooLarge as exc:
@@ -131,11 +142,7 @@ class _Usage:
     def __init__(self) -> None:
         self._began = time.monotonic()
         self._cpu = _cpu_s()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM, the peak RSS
-        except OSError:
-            pass  # then the peak is this process's lifetime peak
+        _reset_peak_rss()
 
     def done(self) -> dict[str, float]:
         return {"peak_rss_bytes": _peak_rss_bytes(), "cpu_s": round(_cpu_s() - self._cpu, 6),
@@ -148,9 +155,26 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + spawned.ru_utime + spawned.ru_stime
 
 
+@functools.cache
+def _proc_fd(name: str, flags: int) -> int | None:
+    """A file of /proc/self kept open for the child's life (one open, not one per attempt);
+    None where it cannot be opened."""
+    try:
+        return os.open(f"/proc/self/{name}", flags)
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> None:
+    fd = _proc_fd("clear_refs", os.O_WRONLY)
+    if fd is not None:  # else the peak is this process's lifetime peak
+        os.write(fd, b"5")  # 5: reset VmHWM
+
+
 def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fd = _proc_fd("status", os.O_RDONLY)
+    status = os.pread(fd, 8192, 0) if fd is not None else b""
+    start = status.find(b"VmHWM:")
+    if start < 0:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(status[start + 6:status.index(b"kB", start)]) * 1024

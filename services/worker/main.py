@@ -20,4 +20,4 @@ def run_worker(
         metrics.serve(settings.metrics_host, settings.metrics_port, metrics.loops_health(
             {"worker_heartbeat": 3 * settings.heartbeat_interval_s}
         ))
-    service.run(worker)
+    service.run(worker, startup_jitter_s=settings.startup_jitter_s)

@@ -151,7 +151,7 @@ class ChildPool:
             self._replace(pc, "died")
             return ChildRun(None, code, output, pc.over_memory_limit, pc.peak_rss,
                             time.monotonic() - began)
-        if record.get("retire") or self._worn_out(pc):
+        if record.get("retire") or self._worn_out(pc, record["usage"]["peak_rss_bytes"]):
             self._replace(pc, "recycled")
         else:
             self._put(pc)
@@ -181,11 +181,11 @@ class ChildPool:
             pass
         return None
 
-    def _worn_out(self, pc: _PooledChild) -> bool:
-        if pc.attempts >= self._max_attempts:
-            return True
-        rss = rss_bytes(pc.child.pid) if self._recycle_rss else None
-        return rss is not None and self._recycle_rss is not None and rss > self._recycle_rss
+    def _worn_out(self, pc: _PooledChild, peak_rss: int) -> bool:
+        """Time to replace it: enough attempts, or grown too big (by the peak RSS it
+        reported for this attempt, which a leak keeps raising)."""
+        return pc.attempts >= self._max_attempts or (
+            self._recycle_rss is not None and peak_rss > self._recycle_rss)
 
     async def _take(self) -> _PooledChild:
         while True:

@@ -38,7 +38,7 @@ from common.batching import Batcher
 from common.config import BrokerRole, BrokerSettings, DatabaseSettings, WorkerSettings
 from common.db import actions as action_rows
 from common.db import executions, workers
-from common.db.executions import Dispatch, Ended, Started
+from common.db.executions import Ended, Started
 from common.errors import describe
 from common.loops import RateLimitedLog, run_loop
 from common.metrics import (
@@ -51,8 +51,9 @@ from common.metrics import (
     WORKER_MEMORY,
     WORKER_PRESSURE,
     count_moves,
+    labelled,
 )
-from common.models import DispatchMessage, WorkerStatus
+from common.models import Dispatch, DispatchMessage, WorkerStatus
 from common.state_machine import AttemptError, ErrorKind, ExecutionStatus, Moved, Reason
 from services.worker import memory, runtimes
 from services.worker.forkserver import ForkServer
@@ -62,18 +63,37 @@ log = logging.getLogger(__name__)
 
 # How long a worker keeps retrying a state write while Postgres is unreachable.
 DB_RETRY_DEADLINE_S = 120.0
-# A dispatch message is ~120 bytes of JSON; anything much larger is not one.
-MAX_MESSAGE_BYTES = 4096
+# A dispatch message carries at most capacity + prefetch pointers of under 100 bytes of
+# JSON each: anything larger than this is not one, and is set aside before it is parsed.
+MAX_MESSAGE_BYTES = 1_048_576
 # Most rows in one grouped write.
 MAX_BATCH = 256
 
 
-@dataclass(frozen=True)
+@dataclass
 class Delivery:
-    """A dispatch this worker received and has not started yet."""
+    """A message from this worker's queue. It is settled once every dispatch in it has
+    been started, found stale or given back: acked, or, if one of them could not be
+    handed over for lack of the database, rejected to the dead-letter exchange (whose
+    executor releases whatever of it is still SCHEDULED)."""
 
     message: AbstractIncomingMessage
+    unsettled: int
+    failed: bool = False
+
+    async def settle(self, *, failed: bool = False) -> None:
+        self.failed |= failed
+        self.unsettled -= 1
+        if self.unsettled == 0:
+            await _settle(self.message, ack=not self.failed)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A dispatch this worker received and has not started yet."""
+
     token: Dispatch
+    delivery: Delivery = field(compare=False)
 
 
 @dataclass
@@ -99,15 +119,14 @@ class Worker:
         self.offered = self._offered_actions()
         self.running: dict[uuid.UUID, Running] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
-        # Deliveries held until a child is free (up to `prefetch` of them, so that a
+        # Dispatches held until a child is free (up to `prefetch` of them, so that a
         # child never waits for the next dispatch), and every dispatch between its
         # delivery and its entry in `running`.
-        self._waiting: deque[Delivery] = deque()
+        self._waiting: deque[Held] = deque()
         self._held: set[Dispatch] = set()
         self._free = settings.capacity  # attempts that may start now
         self.draining = asyncio.Event()
         self._gate = memory.MemoryGate(settings.memory_high_ratio, settings.memory_low_ratio)
-        self._heartbeat_now = asyncio.Event()
         self._pool: asyncpg.Pool | None = None
         self._children: ChildPool | None = None
         self._forkserver = (ForkServer(settings.action_modules)
@@ -121,8 +140,9 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._loops_stop = asyncio.Event()
         self._bad_log = RateLimitedLog(log)
-        self._starts = Batcher("start", self._write_starts, max_batch=MAX_BATCH)
-        self._ends = Batcher("end", self._write_ends, max_batch=MAX_BATCH)
+        # Starts and outcomes go to Postgres together: one statement per moment.
+        self._writes: Batcher[Dispatch | Ended, Started | Moved | None] = Batcher(
+            "sync", self._sync, max_batch=MAX_BATCH)
         WORKER_CAPACITY.set(settings.capacity)
 
     def _offered_actions(self) -> dict[str, actions.ActionSpec]:
@@ -180,7 +200,7 @@ class Worker:
         self._loops = [
             asyncio.create_task(run_loop(
                 "worker_heartbeat", self._heartbeat, stop=self._loops_stop,
-                interval_s=s.heartbeat_interval_s, wake=self._heartbeat_now,
+                interval_s=s.heartbeat_interval_s,
             ), name="worker_heartbeat"),
             asyncio.create_task(run_loop(
                 "worker_ownership", self._check_ownership, stop=self._loops_stop,
@@ -218,8 +238,7 @@ class Worker:
                 await asyncio.wait(pending)
         self._loops_stop.set()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self._starts.close()
-        await self._ends.close()
+        await self._writes.close()
         await self._set_status(WorkerStatus.INACTIVE, "shut down")
         if self._connection is not None:
             await self._connection.close()
@@ -244,8 +263,12 @@ class Worker:
     # ---- loops -----------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
-        sample = memory.sample()
-        await self._watch_memory(sample)
+        sample = memory.sample(self.settings.memory_budget_mb)
+        if not await self._watch_memory(sample):
+            await self._beat(sample)
+
+    async def _beat(self, sample: memory.MemorySample) -> None:
+        """Write the heartbeat row: alive (by database time), memory, pressure."""
         WORKER_MEMORY.set(sample.used_bytes or 0)
         WORKER_PRESSURE.set(1 if self._gate.under_pressure else 0)
         status = await workers.heartbeat(
@@ -256,25 +279,28 @@ class Worker:
             log.warning("worker %s has no live row; the executor will not route to it", self.id)
 
     async def _watch_memory(self, sample: memory.MemorySample) -> bool:
-        """Feed the memory gate; when it closes, what is held goes elsewhere. True when
-        it changed."""
-        changed = self._gate.update(sample)
-        if changed and self._gate.under_pressure:
+        """Feed the memory gate; True when it opened or closed. A change is written to
+        the heartbeat row at once, and only then is what is held given back, so that
+        dispatch, which skips a worker under pressure, does not send it straight back."""
+        if not self._gate.update(sample):
+            return False
+        await self._beat(sample)
+        if self._gate.under_pressure:
             log.warning("worker %s short of memory (%s of %s bytes): taking no new work",
                         self.id, sample.used_bytes, sample.limit_bytes,
                         extra={"event": "memory_pressure"})
             await self._give_back_waiting(Reason.REFUSED_MEMORY)
-        elif changed:
+        else:
             log.info("worker %s has memory again: taking work", self.id,
                      extra={"event": "memory_pressure_over"})
-        return changed
+        return True
 
     async def _check_ownership(self) -> None:
         """Kill attempts this worker no longer owns: cancelled, timed out, or reassigned
         after it was presumed lost; release those it owns but lost track of. Also
-        watches memory between heartbeats."""
-        if await self._watch_memory(memory.sample()):
-            self._heartbeat_now.set()
+        watches memory between heartbeats, and that the broker still delivers to it."""
+        await self._watch_memory(memory.sample(self.settings.memory_budget_mb))
+        await self._keep_consuming()
         await self._release_unknown()
         if not self.running:
             return
@@ -288,6 +314,12 @@ class Worker:
                          execution_id, r.token.attempt, extra={"event": "attempt_revoked"})
                 r.cancel_reason = "not_owned"
                 r.task.cancel()
+
+    async def _keep_consuming(self) -> None:
+        if self._queue is not None and self._consumer_tag is not None \
+                and not self.draining.is_set():
+            self._consumer_tag = await broker.keep_consuming(self._queue, self._consumer_tag,
+                                                             self._on_message)
 
     async def _release_unknown(self) -> None:
         known = [*self.running, *(d.id for d in self._held)]
@@ -316,29 +348,34 @@ class Worker:
         task.add_done_callback(self._deliveries.discard)
 
     async def _accept(self, message: AbstractIncomingMessage) -> None:
-        """Check a delivery and hold it until a child is free; give it back at once if
-        this worker is stopping or short of memory."""
+        """Check a message and hold its dispatches until children are free; give them
+        back at once if this worker is stopping or short of memory."""
         if len(message.body) > MAX_MESSAGE_BYTES:
             await self._reject_bad(message, "oversize", f"{len(message.body)} bytes")
             return
         try:
-            dispatch = DispatchMessage.model_validate_json(message.body)
+            tokens = DispatchMessage.model_validate_json(message.body).tokens(self.id)
         except ValidationError as exc:
             await self._reject_bad(message, "malformed", describe(exc))
             return
-        token = Dispatch(dispatch.execution_id, dispatch.attempt, dispatch.dispatch, self.id)
-        current = self.running.get(token.id)
-        if token in self._held or (current is not None and current.token == token):
-            # A redelivery (the ack was lost with the connection) of work already ours.
-            await self._reject_bad(message, "duplicate", f"execution {token.id} attempt "
-                                   f"{token.attempt} is already here")
-            return
+        delivery = Delivery(message, unsettled=len(tokens))
+        fresh = []
+        for token in tokens:
+            current = self.running.get(token.id)
+            if token in self._held or (current is not None and current.token == token):
+                # A redelivery (the ack was lost with the connection) of work already ours.
+                self._count_bad("duplicate", f"execution {token.id} attempt {token.attempt} "
+                                "is already here")
+                await delivery.settle()
+            else:
+                fresh.append(Held(token, delivery))
         refusal = self._refusal()
         if refusal is not None:
-            await self._give_back([Delivery(message, token)], refusal)
+            await self._give_back(fresh, refusal)
             return
-        self._held.add(token)
-        self._waiting.append(Delivery(message, token))
+        for held in fresh:
+            self._held.add(held.token)
+            self._waiting.append(held)
         self._start_waiting()
 
     def _refusal(self) -> Reason | None:
@@ -350,64 +387,75 @@ class Worker:
         return None
 
     def _start_waiting(self) -> None:
-        """Start held deliveries, oldest first, while children are free."""
+        """Start held dispatches, oldest first, while children are free."""
         while self._free > 0 and self._waiting:
             self._free -= 1
             self._track(self._begin(self._waiting.popleft()))
 
-    async def _begin(self, d: Delivery) -> None:
-        """SCHEDULED -> RUNNING (with whatever else starts now), then run the attempt and
-        ack. Holds a child."""
+    async def _begin(self, held: Held) -> None:
+        """SCHEDULED -> RUNNING (with whatever else starts now), then run the attempt.
+        Holds a child."""
+        token = held.token
         try:
-            started = await self._starts.submit(d.token)
-        except Exception as exc:
-            log.error("could not start %s: %s", d.token.id, describe(exc))
+            started = await self._writes.submit(token)
+        except Exception as exc:  # the dead-letter exchange hands it back to an executor
+            log.error("could not start %s: %s", token.id, describe(exc))
+            await held.delivery.settle(failed=True)
             started = None
-            await _settle(d.message, ack=False)
         else:
-            if started is None:
+            if started is None:  # moved on since it was dispatched: nothing to run
                 count_moves("start", [], attempted=1)
-                await self._reject_bad(d.message, "stale", f"execution {d.token.id} attempt "
-                                       f"{d.token.attempt} dispatch {d.token.dispatch}")
+                self._count_bad("stale", f"execution {token.id} attempt {token.attempt} "
+                                f"dispatch {token.dispatch}")
+                await held.delivery.settle()
         finally:
-            self._held.discard(d.token)
+            self._held.discard(token)
         if started is None:
             self._child_free()
             return
-        # RUNNING is committed: from here Postgres owns the attempt, not the broker.
-        task = asyncio.create_task(self._run_attempt(started), name=f"attempt-{started.id}")
-        self.running[started.id] = Running(d.token, task)
+        # RUNNING is committed: from here Postgres owns the attempt, not the broker. This
+        # task goes on as the attempt's own, referenced by `running`.
+        task = asyncio.current_task()
+        assert task is not None
+        self._deliveries.discard(task)
+        self.running[started.id] = Running(token, task)
         WORKER_IN_FLIGHT.set(len(self.running))
-        task.add_done_callback(lambda _: self._attempt_done(started.id))
         count_moves("start", [Moved(ExecutionStatus.SCHEDULED, ExecutionStatus.RUNNING,
                                     Reason.STARTED)])
-        if d.message.timestamp is not None:
-            SCHEDULE_TO_START.observe(max(0.0, time.time() - d.message.timestamp.timestamp()))
-        await _settle(d.message, ack=True)
+        sent = held.delivery.message.timestamp
+        if sent is not None:
+            SCHEDULE_TO_START.observe(max(0.0, time.time() - sent.timestamp()))
+        try:
+            await self._run_attempt(started, held.delivery)
+        finally:
+            self._attempt_done(started.id)
 
     async def _give_back_waiting(self, why: Reason) -> None:
-        """Hand every held delivery back (the worker is stopping, or short of memory)."""
+        """Hand every held dispatch back (the worker is stopping, or short of memory)."""
         waiting, self._waiting = list(self._waiting), deque()
         if waiting:
             await self._give_back(waiting, why)
 
-    async def _give_back(self, deliveries: list[Delivery], why: Reason) -> None:
-        """Hand unstarted deliveries back for another worker at once, without counting
-        them as deliveries: REQUESTED again in Postgres, then ack. If the database can't
-        be reached, reject them: the dead-letter exchange takes them to an executor."""
-        tokens = [d.token for d in deliveries]
+    async def _give_back(self, held: list[Held], why: Reason) -> None:
+        """Hand unstarted dispatches back for another worker at once, without counting
+        them as deliveries: REQUESTED again in Postgres. If the database can't be
+        reached, their message is rejected: the dead-letter exchange takes it to an
+        executor."""
+        if not held:
+            return
+        tokens = [h.token for h in held]
         try:
             moves = await executions.release_dispatches(
                 self.pool, tokens, reason=why, actor=f"worker:{self.id}")
         except Exception as exc:
-            log.warning("could not give back %d deliveries (%s): %s", len(tokens), why,
+            log.warning("could not give back %d dispatches (%s): %s", len(tokens), why,
                         describe(exc))
             moves = None
         else:
             count_moves("give_back", moves, attempted=len(tokens))
-        for d in deliveries:
-            self._held.discard(d.token)
-            await _settle(d.message, ack=moves is not None)
+        for h in held:
+            self._held.discard(h.token)
+            await h.delivery.settle(failed=moves is None)
 
     def _attempt_done(self, execution_id: uuid.UUID) -> None:
         self.running.pop(execution_id, None)
@@ -418,40 +466,42 @@ class Worker:
         self._free += 1
         self._start_waiting()
 
-    async def _reject_bad(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
-        """Count and set aside a delivery this worker cannot use: rejected without requeue,
-        the dead-letter exchange takes it to the executors."""
+    def _count_bad(self, kind: str, detail: str) -> None:
         BAD_MESSAGES.labels("worker", kind).inc()
-        self._bad_log.log(logging.WARNING, f"bad_message:{kind}",
-                          "rejected %s message %s: %s", kind, message.message_id, detail)
+        self._bad_log.log(logging.WARNING, f"bad_message:{kind}", "set aside %s: %s", kind,
+                          detail)
+
+    async def _reject_bad(self, message: AbstractIncomingMessage, kind: str, detail: str) -> None:
+        """Count and set aside a message this worker cannot use: rejected without requeue,
+        the dead-letter exchange takes it to the executors."""
+        self._count_bad(kind, f"message {message.message_id}: {detail}")
         await _settle(message, ack=False)
 
     # ---- grouped writes ----------------------------------------------------------------
 
-    async def _write_starts(self, tokens: list[Dispatch]) -> list[Started | None]:
-        BATCH_SIZE.labels("start").observe(len(tokens))
-        started = await db.retrying(lambda: executions.start(self.pool, tokens, self.id),
-                                    deadline_s=DB_RETRY_DEADLINE_S, what="start attempts")
-        by_id = {s.id: s for s in started}
-        return [by_id.get(t.id) for t in tokens]
-
-    async def _write_ends(self, ended: list[Ended]) -> list[Moved | None]:
-        BATCH_SIZE.labels("end").observe(len(ended))
-        moved = await db.retrying(lambda: executions.end_attempts(self.pool, ended, self.id),
-                                  deadline_s=DB_RETRY_DEADLINE_S, what="record outcomes")
-        return [moved.get(e.id) for e in ended]
+    async def _sync(self, items: list[Dispatch | Ended]) -> list[Started | Moved | None]:
+        labelled(BATCH_SIZE, "sync").observe(len(items))
+        starts = [i for i in items if isinstance(i, Dispatch)]
+        ends = [i for i in items if isinstance(i, Ended)]
+        synced = await db.retrying(
+            lambda: executions.sync(self.pool, self.id, starts=starts, ends=ends),
+            deadline_s=DB_RETRY_DEADLINE_S, what="record starts and outcomes")
+        return [synced.started.get(i.id) if isinstance(i, Dispatch) else synced.ended.get(i.id)
+                for i in items]
 
     # ---- one attempt -----------------------------------------------------------------
 
-    async def _run_attempt(self, started: Started) -> None:
+    async def _run_attempt(self, started: Started, delivery: Delivery) -> None:
         began = time.monotonic()
         spec = self.offered.get(started.action)
         assert self._runtimes is not None
         bug = _broken_resume(started, spec)
         if bug is not None:
+            await delivery.settle()
             outcome = runtimes.failed(ErrorKind.BUG, bug)
         else:
             try:
+                await delivery.settle()
                 outcome = await self._runtimes.run(
                     runtimes.Attempt(str(started.id), started.action, started.params,
                                      started.attempt, started.checkpoint,
@@ -461,7 +511,7 @@ class Worker:
             except asyncio.CancelledError:
                 await asyncio.shield(self._on_cancelled(started))
                 return
-        RUN_TIME.labels(started.action, outcome.reason).observe(time.monotonic() - began)
+        labelled(RUN_TIME, started.action, outcome.reason).observe(time.monotonic() - began)
         await asyncio.shield(self._end(Ended(
             started.id, started.attempt, started.dispatch,
             ExecutionStatus.SUCCEEDED if outcome.ok else ExecutionStatus.FAILED,
@@ -488,7 +538,7 @@ class Worker:
     async def _end(self, ended: Ended) -> None:
         """Record an attempt's outcome, fenced by its token."""
         try:
-            moved = await self._ends.submit(ended)
+            moved = await self._writes.submit(ended)
         except Exception as exc:
             log.error("could not record the outcome of %s: %s; it will be released as "
                       "orphaned", ended.id, describe(exc))

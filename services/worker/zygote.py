@@ -41,13 +41,18 @@ def main(sock_fd: int, modules: list[str]) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    try:
+        _serve(sock, selector, wake_r, wake_w)
+    except ConnectionError:
+        return  # the worker is gone (its end of the socket closed before our death signal)
+
+
+def _serve(sock: socket.socket, selector: selectors.BaseSelector, wake_r: int,
+           wake_w: int) -> None:
     while True:
         for key, _ in selector.select():
             if key.fileobj is sock:
-                try:
-                    message, fds, _, _ = socket.recv_fds(sock, 4096, 2)
-                except ConnectionError:
-                    return  # the worker is gone
+                message, fds, _, _ = socket.recv_fds(sock, 4096, 2)
                 if not message:
                     return  # the worker is gone
                 request = json.loads(message)

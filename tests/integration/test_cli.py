@@ -1,15 +1,26 @@
 """The CLI as a user runs it: a real process against the real servers."""
 
 import json
+import subprocess
 import uuid
+from datetime import timedelta
 
 import pytest
 
 from tests.harness import Env
 
+DEEP = "[" * 10_000 + "]" * 10_000
+
 
 async def count(env: Env, table: str) -> int:
     return await env.pool.fetchval(f"SELECT count(*) FROM {table}")
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a failed command prints on stderr (no traceback, nothing else)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -17,17 +28,40 @@ async def count(env: Env, table: str) -> int:
     (["submit", "demo.add", "-p", "novalue"], "expected key=value"),
     (["submit", ""], "action name is empty"),
     (["submit", "demo.add", "--params-json", "@{tmp}/big.json"], "over the limit"),
+    (["submit", "demo.add", "--params-json", "@/dev/zero"], "over the limit"),
     (["show", "not-a-uuid"], "not an execution id"),
     (["worker", "--runtime", "cobol"], "--runtime"),
+    # typer's own usage errors, as one line of ours
+    (["submit"], "error: missing argument 'ACTION' (see vigil submit --help)"),
+    (["show"], "missing argument 'EXECUTION_ID' (see vigil show --help)"),
+    (["no-such-command"], "no such command 'no-such-command' (see vigil --help)"),
+    (["ls", "--no-such-option"], "no such option '--no-such-option' (see vigil ls --help)"),
+    (["ls", "--limit", "many"], "invalid value for '--limit'"),
+    (["submit", "demo.add", "--max-attempts", "0"], "'--max-attempts': 0 is not in the range"),
+    (["submit", "demo.add", "--timeout", "604801"], "'--timeout': 604801 is not in the range"),
+    (["executor", "--log-level", "loud"], "invalid value for '--log-level'"),
+    (["prune"], "missing option '--older-than' (see vigil prune --help)"),
+    # hostile values: refused before anything is written
+    (["submit", "demo.add", "--params-json", '{"a": "\\u0000"}'], "NUL character"),
+    (["submit", "demo.add", "--params-json", '{"\\u0000": 1}'], "NUL character"),
+    (["submit", "demo.add", "--params-json", '{"a": ' + DEEP + "}"], "nested too deep"),
+    (["submit", "demo.add", "-p", "a=" + DEEP], "-p a: the value is nested too deep"),
+    (["submit", "demo.add", "--idempotency-key", ""], "idempotency key is empty"),
+    (["submit", "demo.add", "--idempotency-key", "k" * 100_000], "over the limit"),
+    (["submit", "demo.add", "--delay", "soon"], "--delay 'soon': expected a duration"),
+    (["submit", "demo.add", "--delay", "400d"], "delay must be"),
+    (["submit", "demo.add", "--at", "2026-12-01T09:00:00"], "give the time zone"),
+    (["submit", "demo.add", "--at", "next tuesday"], "--at 'next tuesday': expected a time"),
+    (["submit", "demo.add", "--delay", "1m", "--at", "2026-12-01T09:00:00Z"], "not both"),
+    (["prune", "--older-than", "forever"], "--older-than 'forever': expected a duration"),
+    (["dead-letters", "list", "--since", "99999999d"], "at most 3650d"),
 ])
 async def test_usage_errors_exit_2_with_one_line_and_write_nothing(env: Env, args, message):
     (env.tmp / "big.json").write_text(json.dumps({"x": "y" * 1_048_576}))
     result = env.cli(*(a.replace("{tmp}", str(env.tmp)) for a in args))
 
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in result.stderr
+    assert message in error_line(result)
     assert await count(env, "executions") == 0
 
 
@@ -56,18 +90,21 @@ async def test_broker_setup_failures_exit_1_naming_the_problem_without_secrets(
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("service, settings, says", [
-    ("worker", {"VIGIL_AMQP_WORKER_PASSWORD": "s3cret-pw"},
+@pytest.mark.parametrize("args, settings, says", [
+    (["worker"], {"VIGIL_AMQP_WORKER_PASSWORD": "s3cret-pw"},
      "worker stopped: broker at 127.0.0.1:5672 refused the login of 'vigil-worker'"),
-    ("executor", {"VIGIL_DB_PORT": "1", "VIGIL_DB_PASSWORD": "s3cret-pw"},
+    (["executor"], {"VIGIL_DB_PORT": "1", "VIGIL_DB_PASSWORD": "s3cret-pw"},
      "executor stopped: database unavailable at 127.0.0.1:1"),
-], ids=["worker-wrong-password", "executor-database-down"])
+    (["worker", "--runtime", "python", "--actions", "no.such.module"], {},
+     "error: worker stopped: cannot import action module 'no.such.module': "
+     "No module named 'no'"),
+], ids=["worker-wrong-password", "executor-database-down", "worker-no-such-module"])
 async def test_a_service_that_cannot_start_exits_1_with_one_line(
-    env: Env, service, settings, says
+    env: Env, args, settings, says
 ):
-    result = env.cli(service, **settings)
+    result = env.cli(*args, **settings)
     assert result.returncode == 1
-    assert says in result.stderr
+    assert says in error_line(result)
     assert "s3cret-pw" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
 
@@ -140,3 +177,80 @@ async def test_top_shows_executions_and_workers_then_stops(env: Env):
     assert result.returncode == 0, result.stderr
     assert "REQUESTED" in result.stdout and "0/2" in result.stdout
     assert "oldest unfinished" in result.stdout
+
+
+def not_migrated(env: Env) -> str:
+    return (f"the database at {env.db.host}:{env.db.port}/{env.db.name} is not migrated: "
+            "run `vigil db migrate`")
+
+
+@pytest.mark.parametrize("breakage, args, prefix", [
+    ("DELETE FROM schema_migrations WHERE version = (SELECT max(version) "
+     "FROM schema_migrations)", ["submit", "demo.add"], ""),
+    ("DELETE FROM schema_migrations WHERE version = 1", ["ls"], ""),
+    ("DROP TABLE schema_migrations", ["executor"], "executor stopped: "),
+    ("DROP TABLE schema_migrations", ["worker"], "worker stopped: "),
+    ("DROP TABLE workers CASCADE", ["workers"], ""),  # a table missing despite the record
+], ids=["pending-submit", "pending-ls", "none-executor", "none-worker", "table-gone"])
+async def test_a_database_behind_its_migrations_is_named_and_nothing_runs(
+    env: Env, breakage, args, prefix
+):
+    await env.pool.execute(breakage)
+    result = env.cli(*args)
+    assert result.returncode == 1
+    assert error_line(result) == f"error: {prefix}{not_migrated(env)}"
+    assert await count(env, "executions") == 0
+    assert await count(env, "execution_history") == 0
+
+
+async def test_vigil_db_migrate_brings_an_empty_database_up_to_date(env: Env):
+    await env.pool.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    assert error_line(env.cli("ls")) == f"error: {not_migrated(env)}"
+    migrated = env.cli("db", "migrate", "--json")
+    assert migrated.returncode == 0, migrated.stderr
+    assert json.loads(migrated.stdout)["applied"][0] == 1
+    listed = env.cli("ls", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+
+
+@pytest.mark.parametrize("args, settings", [
+    ([], {}), (["--debug"], {}), ([], {"VIGIL_DEBUG": "1"}),
+], ids=["plain", "--debug", "VIGIL_DEBUG"])
+async def test_an_unexpected_error_is_one_line_its_traceback_only_when_asked(
+    env: Env, args, settings
+):
+    # A schema changed behind Vigil's back: the query fails in a way nothing expects.
+    await env.pool.execute("ALTER TABLE executions RENAME COLUMN reason TO why")
+    result = env.cli(*args, "ls", **settings)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: UndefinedColumnError: column") and "reason" in last
+    if args or settings:
+        assert "Traceback (most recent call last)" in result.stderr
+    else:
+        assert error_line(result) == last
+
+
+async def test_prune_deletes_only_finished_executions_older_than_asked(env: Env):
+    old = await env.submit("demo.noop", n=3)
+    [recent] = await env.submit("demo.noop")
+    unfinished = await env.submit("demo.noop", n=2)
+    for eid in [*old, recent]:
+        assert await env.client.cancel(eid)
+    # Backdated, as if they had ended 8 days ago; unfinished ones even with a stray
+    # finished_at that old: only the status says whether an execution is done.
+    await env.pool.execute(
+        "UPDATE executions SET created_at = created_at - $2::interval, "
+        "finished_at = now() - $2::interval WHERE id = ANY($1)",
+        [*old, *unfinished], timedelta(days=8))
+
+    result = env.cli("prune", "--older-than", "7d", "--batch", "2", "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"deleted": 3}
+    left = {r["id"] for r in await env.pool.fetch("SELECT id FROM executions")}
+    assert left == {recent, *unfinished}
+    assert await env.pool.fetchval(
+        "SELECT count(*) FROM execution_history WHERE execution_id = ANY($1)", old) == 0
+    again = env.cli("prune", "--older-than", "7d")
+    assert again.stdout.strip() == "deleted 0 executions finished more than 7d ago"

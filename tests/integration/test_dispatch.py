@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from common.db import executions, workers
-from common.db.executions import Dispatch
+from common.models import Dispatch
 from tests.harness import Env
 
 

@@ -16,12 +16,14 @@ from prometheus_client import REGISTRY
 from common import broker
 from common.config import BrokerRole, WorkerSettings
 from common.db import executions
-from common.db.executions import Dispatch, Ended, Started
+from common.db.executions import Ended, Started
+from common.models import Dispatch, DispatchMessage, Pointer
 from common.state_machine import (
     TRANSITIONS,
     AttemptError,
     ErrorKind,
     ExecutionStatus,
+    Moved,
     Reason,
 )
 from services.cli.docs import TRANSITIONS_BEGIN, TRANSITIONS_END, render_transitions
@@ -58,7 +60,9 @@ async def test_a_stale_token_changes_nothing(env: Env):
     token = await scheduled_by_hand(env, eid, "w-a")
 
     async def start(attempt: int, worker: str) -> list[Started]:
-        return await executions.start(env.pool, [Dispatch(eid, attempt, 1, "w-a")], worker)
+        synced = await executions.sync(env.pool, worker,
+                                       starts=[Dispatch(eid, attempt, 1, "w-a")])
+        return list(synced.started.values())
 
     assert await start(1, "w-b") == []  # wrong worker
     assert await start(2, "w-a") == []  # wrong attempt
@@ -70,7 +74,7 @@ async def test_a_stale_token_changes_nothing(env: Env):
         "AND to_status = 'RUNNING'", eid) == 1
     before = await executions.get(env.pool, eid)
     late = Ended(eid, 1, 1, ExecutionStatus.SUCCEEDED, result={"x": 1})
-    assert await executions.end_attempts(env.pool, [late], "w-b") == {}
+    assert (await executions.sync(env.pool, "w-b", ends=[late])).ended == {}
     assert await executions.release_dispatches(
         env.pool, [token], reason=Reason.DEAD_LETTER_EXPIRED, actor="t", max_dispatches=5) == []
     assert await executions.get(env.pool, eid) == before
@@ -79,7 +83,7 @@ async def test_a_stale_token_changes_nothing(env: Env):
 async def test_a_zombies_late_outcome_is_fenced_after_its_attempt_was_given_up(env: Env):
     [eid] = await env.submit("demo.noop", max_attempts=2)
     await scheduled_by_hand(env, eid, "w-zombie")
-    [started] = await executions.start(env.pool, [Dispatch(eid, 1, 1, "w-zombie")], "w-zombie")
+    await executions.sync(env.pool, "w-zombie", starts=[Dispatch(eid, 1, 1, "w-zombie")])
     # Its worker stops answering: the monitor retries the attempt elsewhere.
     await env.pool.execute(
         "INSERT INTO workers (id, name, hostname, pid, status, runtimes, actions, capacity) "
@@ -89,7 +93,7 @@ async def test_a_zombies_late_outcome_is_fenced_after_its_attempt_was_given_up(e
         "REQUESTED", 2)
     # It wakes and reports attempt 1 as done: nothing changes.
     late = Ended(eid, 1, 1, ExecutionStatus.SUCCEEDED, result={"late": True})
-    assert await executions.end_attempts(env.pool, [late], "w-zombie") == {}
+    assert (await executions.sync(env.pool, "w-zombie", ends=[late])).ended == {}
     e = await executions.get(env.pool, eid)
     assert (e.status, e.attempt, e.result, e.reason) == ("REQUESTED", 2, None, "worker_lost")
 
@@ -101,19 +105,24 @@ async def test_a_lost_commit_reply_publishes_what_committed_at_once(env: Env):
         assert await d.dispatch_round() == 3
         await d.drain()
         queued = await _queued(env, deaf.id)
-    assert queued == 3, "each committed dispatch was published, not left to the monitor"
+    assert sorted(p.execution_id for p in queued) == sorted(ids), \
+        "each committed dispatch was published, not left to the monitor"
     assert {await status_of(env, e) for e in ids} == {"SCHEDULED"}
     assert await env.pool.fetchval(
         "SELECT count(*) FROM execution_history WHERE to_status = 'REQUESTED' "
         "AND from_status = 'SCHEDULED'") == 0
 
 
-async def _queued(env: Env, worker_id: str) -> int:
+async def _queued(env: Env, worker_id: str) -> list[Pointer]:
+    """The dispatches waiting in a worker's queue (taken off it)."""
     connection = await broker.connect(env.broker, BrokerRole.WORKER, "vigil-tests count")
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(broker.worker_queue(worker_id), passive=True)
-        return queue.declaration_result.message_count or 0
+        pointers: list[Pointer] = []
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            pointers += DispatchMessage.model_validate_json(message.body).dispatches
+        return pointers
     finally:
         await connection.close()
 
@@ -124,11 +133,11 @@ class ReplyLostOnFirstStart(Worker):
 
     lost = False
 
-    async def _write_starts(self, tokens: list[Dispatch]) -> list[Started | None]:
-        if not self.lost:
+    async def _sync(self, items: list[Dispatch | Ended]) -> list[Started | Moved | None]:
+        if not self.lost and any(isinstance(i, Dispatch) for i in items):
             self.lost = True
-            await super()._write_starts(tokens)  # committed; the reply never arrives
-        return await super()._write_starts(tokens)
+            await super()._sync(items)  # committed; the reply never arrives
+        return await super()._sync(items)
 
 
 async def test_a_start_whose_reply_was_lost_runs_the_attempt_once(env: Env, tmp_path):
@@ -150,7 +159,7 @@ async def test_an_attempt_its_worker_lost_track_of_is_released_as_orphaned(env: 
         [eid] = await env.submit("demo.noop")
         await scheduled_by_hand(env, eid, w.id)
         # Started in the database, never in the worker (its reply was lost for good).
-        assert await executions.start(env.pool, [Dispatch(eid, 1, 1, w.id)], w.id)
+        assert (await executions.sync(env.pool, w.id, starts=[Dispatch(eid, 1, 1, w.id)])).started
         await w._check_ownership()
     e = await executions.get(env.pool, eid)
     assert (e.status, e.attempt, e.reason) == ("REQUESTED", 2, "orphaned")
@@ -185,8 +194,8 @@ async def test_an_execution_whose_every_attempt_is_killed_ends_poison(env: Env):
             await env.pool.execute(
                 "UPDATE executions SET status = 'RUNNING', worker_id = 'w', dispatches = 1 "
                 "WHERE id = $1", eid)
-            await executions.end_attempts(env.pool, [Ended(
-                eid, attempt, 1, ExecutionStatus.FAILED, error=error, retry_delay_s=0)], "w")
+            await executions.sync(env.pool, "w", ends=[Ended(
+                eid, attempt, 1, ExecutionStatus.FAILED, error=error, retry_delay_s=0)])
     p, m = await executions.get(env.pool, poison), await executions.get(env.pool, mixed)
     assert (p.status, p.reason, p.error["kind"]) == ("FAILED", "poison", "killed")
     assert (m.status, m.reason) == ("FAILED", "killed")
@@ -238,8 +247,7 @@ async def _publish_to(env: Env, worker_id: str, d: Dispatch) -> None:
     connection = await broker.connect(env.broker, BrokerRole.ADMIN, "vigil-tests publish")
     try:
         channel = await connection.channel()
-        body = (f'{{"v": 1, "execution_id": "{d.id}", "attempt": {d.attempt}, '
-                f'"dispatch": {d.dispatch}}}').encode()
+        body = DispatchMessage.of([d]).model_dump_json().encode()
         await channel.default_exchange.publish(aio_pika.Message(body),
                                                routing_key=broker.worker_queue(worker_id))
     finally:
@@ -253,10 +261,10 @@ async def test_deliveries_that_arrive_together_start_in_one_statement(env: Env):
                 REGISTRY.get_sample_value("vigil_write_batch_size_sum", labels) or 0)
 
     ids = await env.submit("demo.noop", n=16)
-    before = written("start")
+    before = written("sync")
     async with inprocess.worker(env, capacity=16), inprocess.dispatcher(env) as d:
         assert await d.dispatch_round() == 16
         await env.all_terminal(ids, timeout=30)
-    statements, rows = (a - b for a, b in zip(written("start"), before, strict=True))
-    assert rows == 16
-    assert statements < 16, "each delivery was started with a statement of its own"
+    statements, rows = (a - b for a, b in zip(written("sync"), before, strict=True))
+    assert rows == 32  # 16 starts and 16 ends
+    assert statements < 16, "each start or end was written with a statement of its own"

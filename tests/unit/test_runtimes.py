@@ -161,3 +161,10 @@ async def test_the_zygote_is_replaced_if_it_dies(runtimes: Runtimes) -> None:
     await wait_until(recovered, timeout=10, what="the pool to recover on a new zygote")
     for n in range(4):
         assert (await attempt("demo.add", {"a": n, "b": 2})).result == {"sum": n + 2}
+
+
+async def test_a_result_that_is_not_json_fails_the_attempt_and_says_why() -> None:
+    outcome = await attempt("demo.not_json", {})
+    assert outcome.error.kind == "action_error"
+    assert "the result is not JSON" in outcome.error.message
+    assert (await attempt("demo.add", {"a": 1, "b": 1})).ok

@@ -98,6 +98,9 @@ RETURNS TABLE (id uuid, to_status text, reason text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 BEGIN
+    IF cardinality(p_ids) = 0 THEN  -- a worker's sync with starts only
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH moved AS (
         UPDATE executions e

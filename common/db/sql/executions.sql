@@ -124,46 +124,52 @@ CROSS JOIN LATERAL vigil_release_dispatches(s.ids, s.attempts, s.dispatches, s.w
                                             :actor) r
 GROUP BY r.to_status, r.reason;
 
--- name: start
--- The worker's SCHEDULED -> RUNNING for a batch of deliveries; returns what each attempt
--- needs. Idempotent for the same token: if a commit's reply was lost (the database
--- restarted), the retry finds the row already RUNNING for this very dispatch and gets it
--- again. The worker itself makes sure it never runs one dispatch twice.
-WITH wanted AS (
-    SELECT * FROM unnest(:ids::uuid[], :attempts::int[], :dispatches::int[])
+-- name: sync
+-- A worker's writes of one moment, in one statement (one round trip, one commit): the
+-- attempts that ended (vigil_end_attempts) and the dispatches it starts, SCHEDULED ->
+-- RUNNING, with what each attempt needs. Every row is fenced by its own token, and the
+-- two never touch the same row. A start is idempotent for the same token: if a commit's
+-- reply was lost (the database restarted), the retry finds the row already RUNNING for
+-- this very dispatch and gets it again (the worker never runs one dispatch twice).
+WITH ended AS (
+    SELECT * FROM vigil_end_attempts(:end_ids, :end_attempts, :end_dispatches,
+                                     array_fill(:worker_id::text,
+                                                ARRAY[cardinality(:end_ids::uuid[])]),
+                                     :outcomes, :reasons, :retryable, :killed,
+                                     :retry_delays_s, :results, :errors, :usages,
+                                     'worker:' || :worker_id)
+), wanted AS (
+    SELECT * FROM unnest(:start_ids::uuid[], :start_attempts::int[], :start_dispatches::int[])
              AS d(id, attempt, dispatch)
-), moved AS (
+), started AS (
     UPDATE executions e
     SET status = 'RUNNING', started_at = now(), updated_at = now()
     FROM wanted d
-    WHERE e.id = ANY(:ids) AND e.id = d.id AND e.status = 'SCHEDULED'
+    WHERE e.id = ANY(:start_ids) AND e.id = d.id AND e.status = 'SCHEDULED'
       AND e.attempt = d.attempt AND e.dispatches = d.dispatch AND e.worker_id = :worker_id
     RETURNING e.*
 ), history AS (
     INSERT INTO execution_history (execution_id, attempt, dispatch, from_status, to_status,
                                    reason, actor, worker_id)
-    SELECT id, attempt, dispatches, 'SCHEDULED', 'RUNNING', :reason, 'worker:' || :worker_id,
-           worker_id
-    FROM moved
+    SELECT id, attempt, dispatches, 'SCHEDULED', 'RUNNING', :started_reason,
+           'worker:' || :worker_id, worker_id
+    FROM started
 )
-SELECT id, action, params, attempt, dispatches AS dispatch, timeout_s, checkpoint,
-       checkpoint_attempt
-FROM moved
+SELECT false AS started, id, to_status, reason, NULL AS action, NULL::jsonb AS params,
+       NULL::int AS attempt, NULL::int AS dispatch, NULL::int AS timeout_s,
+       NULL::jsonb AS checkpoint, NULL::int AS checkpoint_attempt
+FROM ended
 UNION ALL
-SELECT e.id, e.action, e.params, e.attempt, e.dispatches, e.timeout_s, e.checkpoint,
-       e.checkpoint_attempt
+SELECT true, id, NULL, NULL, action, params, attempt, dispatches, timeout_s, checkpoint,
+       checkpoint_attempt
+FROM started
+UNION ALL
+SELECT true, e.id, NULL, NULL, e.action, e.params, e.attempt, e.dispatches, e.timeout_s,
+       e.checkpoint, e.checkpoint_attempt
 FROM executions e JOIN wanted d
   ON e.id = d.id AND e.status = 'RUNNING' AND e.attempt = d.attempt
      AND e.dispatches = d.dispatch AND e.worker_id = :worker_id
-WHERE e.id = ANY(:ids) AND NOT EXISTS (SELECT 1 FROM moved m WHERE m.id = e.id);
-
--- name: end_attempts
--- Attempts that ended on a worker, as one set, each fenced by its token: succeeded,
--- failed, given up at shutdown, or lost track of (vigil_end_attempts).
-SELECT id, to_status, reason
-FROM vigil_end_attempts(:ids, :attempts, :dispatches, :worker_ids, :outcomes, :reasons,
-                        :retryable, :killed, :retry_delays_s, :results, :errors, :usages,
-                        :actor);
+WHERE e.id = ANY(:start_ids) AND NOT EXISTS (SELECT 1 FROM started s WHERE s.id = e.id);
 
 -- name: running_not_owned
 -- Which of a worker's running attempts it no longer owns (cancelled, timed out,
