@@ -165,6 +165,10 @@ class WorkerSettings(_ServiceSettings):
                     "its own; over it the attempt is killed. Unset: no limit.")
     checkpoint_limit_bytes: int = Field(1_048_576, ge=1, le=64 * 1_048_576,
                                         description="Largest checkpoint an action may save.")
+    result_limit_bytes: int = Field(
+        1_048_576, ge=1, le=64 * 1_048_576,
+        description="Largest result (as JSON) a python attempt may return; a larger one "
+                    "fails the attempt result_too_large, not retried.")
     memory_budget_mb: int | None = Field(
         None, ge=16, le=1_048_576,
         description="Where no cgroup limit applies: the memory this worker and its "

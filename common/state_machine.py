@@ -59,6 +59,7 @@ class ErrorKind(StrEnum):
     SPAWN_FAILED = "spawn_failed"
     BUG = "bug"  # Vigil caught itself breaking a rule (seed 004): never retried
     CHECKPOINT_TOO_LARGE = "checkpoint_too_large"
+    RESULT_TOO_LARGE = "result_too_large"
     ORPHANED = "orphaned"  # RUNNING here by the database's books, unknown to the worker
     WORKER_SHUTDOWN = "worker_shutdown"  # not finished within the shutdown grace
     WORKER_LOST = "worker_lost"  # its worker died, froze or was cut off
@@ -72,7 +73,7 @@ class ErrorKind(StrEnum):
 # Failures that would fail the same way again: retrying them only wastes a slot.
 NEVER_RETRY = frozenset({
     ErrorKind.INVALID_PARAMS, ErrorKind.UNKNOWN_ACTION, ErrorKind.COMMAND_NOT_FOUND,
-    ErrorKind.BUG, ErrorKind.CHECKPOINT_TOO_LARGE,
+    ErrorKind.BUG, ErrorKind.CHECKPOINT_TOO_LARGE, ErrorKind.RESULT_TOO_LARGE,
 })
 # Attempts that were killed rather than failing on their own: an execution whose every
 # attempt ends like this is a poison pill (seed 003) and ends FAILED `poison`.

@@ -111,3 +111,34 @@ def hold(ctx: Context) -> dict[str, int]:
     while time.monotonic() < deadline and not (until and os.path.exists(until)):
         time.sleep(0.05)
     return {"held_mib": len(held) >> 20}
+
+
+@action("demo.block")
+def block(ctx: Context) -> dict[str, int]:
+    """Leaves its pid in params["dir"]/<execution>.<attempt> (created exclusively, as
+    demo.record does), then blocks until the file params["until"] exists or
+    params["seconds"] (default 60) have passed: a long attempt whose child a test can
+    find and kill."""
+    path = os.path.join(ctx.params["dir"], f"{ctx.execution_id}.{ctx.attempt}")
+    with open(path, "x") as f:
+        f.write(str(os.getpid()))
+    until = ctx.params.get("until")
+    deadline = time.monotonic() + float(ctx.params.get("seconds", 60))
+    while time.monotonic() < deadline and not (until and os.path.exists(until)):
+        time.sleep(0.02)
+    return {"pid": os.getpid()}
+
+
+# What demo.leak leaked in this process: never freed, so a pooled child grows with
+# every attempt it runs of it.
+_LEAKED: list[bytes] = []
+
+
+@action("demo.leak")
+def leak(ctx: Context) -> dict[str, int]:
+    """Leaks params["mib"] MiB (default 8) of real (touched) memory on every call, as a
+    cache that is never emptied does: a long-lived child grows attempt after attempt
+    until its worker recycles it (child_max_rss_mb). Returns the child's pid and how much
+    it has leaked so far."""
+    _LEAKED.append(b"\x01" * (int(ctx.params.get("mib", 8)) << 20))
+    return {"pid": os.getpid(), "leaked_mib": sum(len(b) for b in _LEAKED) >> 20}

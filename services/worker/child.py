@@ -1,7 +1,8 @@
 """What runs inside a python child: attempt after attempt, until the worker lets it go.
 
 The worker writes one JSON job per line on the child's channel: {"execution_id",
-"action", "params", "attempt", "checkpoint", "memory_limit_bytes", "checkpoint_limit_bytes"}.
+"action", "params", "attempt", "checkpoint", "memory_limit_bytes", "checkpoint_limit_bytes",
+"result_limit_bytes"}.
 The child answers on the same channel with JSON lines:
 {"type": "checkpoint", "data": ...} any number of times, then exactly one
 {"type": "result", "ok": true, "result": ...} or {"type": "result", "ok": false,
@@ -38,8 +39,9 @@ def serve(channel: socket.socket) -> None:
     jobs = channel.makefile("rb")
     out = channel.makefile("w", encoding="utf-8")
     for line in jobs:
-        record = run_job(json.loads(line), lambda r: _emit(out, r))
-        out.write(_result_line(record))
+        job = json.loads(line)
+        record = run_job(job, lambda r: _emit(out, r))
+        out.write(_result_line(record, job.get("result_limit_bytes")))
         out.flush()
         if record["retire"]:
             return
@@ -50,14 +52,23 @@ def _emit(out: IO[str], record: dict[str, Any]) -> None:
     out.flush()
 
 
-def _result_line(record: dict[str, Any]) -> str:
-    """The result record as a line; a result that is not JSON is the action's error."""
+def _result_line(record: dict[str, Any], limit_bytes: int | None) -> str:
+    """The result record as a line. A result that is not JSON is the action's error; one
+    over the size limit fails the attempt (it would fail the same way again)."""
     try:
-        return json.dumps(record) + "\n"
+        line = json.dumps(record) + "\n"
     except (TypeError, ValueError) as exc:
         failure = _failure(ErrorKind.ACTION_ERROR, f"the result is not JSON: {exc}",
                            type=type(exc).__name__)
         return json.dumps({**record, **failure, "result": None}, default=repr) + "\n"
+    if limit_bytes is None or len(line) <= limit_bytes:  # json.dumps writes ASCII only
+        return line
+    size = len(json.dumps(record.get("result")))
+    if size <= limit_bytes:
+        return line
+    failure = _failure(ErrorKind.RESULT_TOO_LARGE,
+                       f"the result is {size} bytes, over the limit of {limit_bytes} bytes")
+    return json.dumps({**record, **failure, "result": None}) + "\n"
 
 
 def run_job(job: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

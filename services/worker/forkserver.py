@@ -16,6 +16,9 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 ZYGOTE_DIED = -signal.SIGKILL  # how a child whose zygote died is reported
+# The longest line a child may write: a checkpoint or a result at the largest size the
+# settings allow (64 MiB), with room for the record around it.
+LINE_LIMIT_BYTES = 65 * 2**20
 
 
 @dataclass
@@ -125,7 +128,7 @@ class ForkServer:
         # The exit may already have been reported; either way one future per pid.
         exited = self._exits.setdefault(pid, loop.create_future())
         exited.add_done_callback(lambda _: self._exits.pop(pid, None))
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=2**24)
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT_BYTES)
         os.set_blocking(stderr_r, False)
         return Child(pid, reader, writer, stderr_r, exited)
 

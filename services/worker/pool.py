@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.metrics import POOL_CHILDREN_REPLACED
+from common.state_machine import ErrorKind
 from services.worker.forkserver import Child, ForkServer
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ def rss_bytes(pid: int) -> int | None:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
+
+
+class _Unreadable(Exception):
+    """The child wrote a line that cannot be read (over the size limits the child itself
+    keeps, or not JSON): a bug, since the child checks both before it writes."""
+
+    def record(self, wall_s: float) -> dict[str, Any]:
+        """The result record the attempt ends with."""
+        return {"type": "result", "ok": False, "usage": {"wall_s": round(wall_s, 6)},
+                "error": {"kind": ErrorKind.BUG,
+                          "message": f"the child's answer could not be read: {self}"}}
 
 
 class _PooledChild:
@@ -120,7 +132,7 @@ class ChildPool:
         """Fork every child; return once all are ready for an attempt."""
         children = await asyncio.gather(*(self._forkserver.spawn() for _ in range(self._size)))
         for child in children:
-            self._put(_PooledChild(child, self._tail_bytes))
+            self._put(self._adopt(child))
         self._watchdog = asyncio.create_task(self._watch_memory(), name="pool-watchdog")
 
     @property
@@ -139,6 +151,14 @@ class ChildPool:
             pc.child.writer.write(json.dumps(
                 {**job, "memory_limit_bytes": memory_limit_bytes}).encode() + b"\n")
             record = await self._read_result(pc, on_checkpoint)
+        except _Unreadable as exc:
+            log.error("child %d wrote what cannot be read (%s): killing it", pc.child.pid,
+                      exc, extra={"event": "child_unreadable"})
+            pc.child.kill()
+            self._busy.discard(pc)
+            self._replace(pc, "killed")
+            return ChildRun(exc.record(time.monotonic() - began), None, pc.output(), False,
+                            None, time.monotonic() - began)
         except BaseException:
             pc.child.kill()
             self._busy.discard(pc)
@@ -171,15 +191,18 @@ class ChildPool:
     async def _read_result(self, pc: _PooledChild, on_checkpoint: OnCheckpoint,
                            ) -> dict[str, Any] | None:
         """The child's result record, passing on its checkpoints; None if it died."""
-        try:
-            while line := await pc.child.reader.readline():
-                message = json.loads(line)
-                if message["type"] != "checkpoint":
-                    return message
-                await on_checkpoint(message["data"])
-        except ConnectionError:
-            pass
-        return None
+        while True:
+            try:
+                line = await pc.child.reader.readline()
+                # A line cut short is what a child killed mid-write leaves: it died.
+                message = json.loads(line) if line.endswith(b"\n") else None
+            except ConnectionError:
+                return None
+            except ValueError as exc:  # a line over the limit, or not JSON
+                raise _Unreadable(str(exc)) from None
+            if message is None or message["type"] != "checkpoint":
+                return message
+            await on_checkpoint(message["data"])
 
     def _worn_out(self, pc: _PooledChild, peak_rss: int) -> bool:
         """Time to replace it: enough attempts, or grown too big (by the peak RSS it
@@ -196,6 +219,18 @@ class ChildPool:
             if not pc.child.exited.done():
                 return pc
             self._replace(pc, "died")  # while idle
+
+    def _adopt(self, child: Child) -> _PooledChild:
+        pc = _PooledChild(child, self._tail_bytes)
+        child.exited.add_done_callback(lambda _: self._died_idle(pc))
+        return pc
+
+    def _died_idle(self, pc: _PooledChild) -> None:
+        """A child that dies between attempts (killed from outside) is replaced at once,
+        not when an attempt would next be given to it."""
+        if pc in self._idle and not self._closing:
+            self._idle.remove(pc)
+            self._replace(pc, "died")
 
     def _put(self, pc: _PooledChild) -> None:
         self._idle.append(pc)
@@ -222,7 +257,7 @@ class ChildPool:
         delay = 0.1
         while not self._closing:
             try:
-                return _PooledChild(await self._forkserver.spawn(), self._tail_bytes)
+                return self._adopt(await self._forkserver.spawn())
             except (OSError, RuntimeError) as exc:
                 log.error("could not fork a python child (%s); trying again in %gs", exc,
                           delay, extra={"event": "fork_failed"})
@@ -246,3 +281,4 @@ class ChildPool:
                                 extra={"event": "memory_limit"})
                     pc.over_memory_limit = True
                     pc.child.kill()
+

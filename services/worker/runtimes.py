@@ -74,6 +74,7 @@ class Runtimes:
     pool: ChildPool | None
     tail_bytes: int
     checkpoint_limit_bytes: int
+    result_limit_bytes: int
 
     async def run(self, attempt: Attempt, on_checkpoint: OnCheckpoint) -> Outcome:
         """Run one attempt to its end. Cancelling this coroutine kills the child."""
@@ -85,7 +86,8 @@ class Runtimes:
             {"execution_id": attempt.execution_id, "action": attempt.action,
              "params": attempt.params, "attempt": attempt.attempt,
              "checkpoint": attempt.checkpoint,
-             "checkpoint_limit_bytes": self.checkpoint_limit_bytes},
+             "checkpoint_limit_bytes": self.checkpoint_limit_bytes,
+             "result_limit_bytes": self.result_limit_bytes},
             memory_limit_bytes=attempt.memory_limit_bytes, on_checkpoint=on_checkpoint,
         )
         return _python_outcome(run, attempt.memory_limit_bytes)

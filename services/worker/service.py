@@ -179,7 +179,7 @@ class Worker:
                 recycle_rss_bytes=_bytes(s.child_max_rss_mb), tail_bytes=s.output_tail_bytes)
             await self._children.start()
         self._runtimes = runtimes.Runtimes(self._children, s.output_tail_bytes,
-                                           s.checkpoint_limit_bytes)
+                                           s.checkpoint_limit_bytes, s.result_limit_bytes)
         self._pool = await db.connect(self.db_settings, application_name=f"vigil-worker {self.id}")
         self._connection = await broker.connect(
             self.broker_settings, BrokerRole.WORKER,
@@ -511,6 +511,10 @@ class Worker:
             except asyncio.CancelledError:
                 await asyncio.shield(self._on_cancelled(started))
                 return
+            except Exception as exc:  # ended now, rather than left to the orphan sweep
+                log.exception("attempt %d of %s could not be run", started.attempt, started.id)
+                outcome = runtimes.failed(ErrorKind.BUG,
+                                          f"the worker could not run it: {describe(exc)}")
         labelled(RUN_TIME, started.action, outcome.reason).observe(time.monotonic() - began)
         await asyncio.shield(self._end(Ended(
             started.id, started.attempt, started.dispatch,

@@ -6,12 +6,13 @@ import time
 
 import pytest
 
-from services.worker.forkserver import ForkServer
+from services.worker.forkserver import LINE_LIMIT_BYTES, ForkServer
 from services.worker.pool import ChildPool
 from services.worker.runtimes import Attempt, Outcome, Runtimes
 from tests.harness import wait_until
 
 RUNTIMES: Runtimes | None = None
+RESULT_LIMIT = 100 * 2**20  # above what a child may write in one line (LINE_LIMIT_BYTES)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +23,8 @@ async def runtimes():
     pool = ChildPool(forkserver, 2, max_attempts_per_child=1000, recycle_rss_bytes=None,
                      tail_bytes=64)
     await pool.start()
-    RUNTIMES = Runtimes(pool, tail_bytes=64, checkpoint_limit_bytes=1024)
+    RUNTIMES = Runtimes(pool, tail_bytes=64, checkpoint_limit_bytes=1024,
+                        result_limit_bytes=RESULT_LIMIT)
     yield RUNTIMES
     await pool.close()
     await forkserver.close()
@@ -168,3 +170,46 @@ async def test_a_result_that_is_not_json_fails_the_attempt_and_says_why() -> Non
     assert outcome.error.kind == "action_error"
     assert "the result is not JSON" in outcome.error.message
     assert (await attempt("demo.add", {"a": 1, "b": 1})).ok
+
+
+async def test_a_result_over_the_limit_fails_the_attempt_and_is_not_retried(
+        runtimes: Runtimes) -> None:
+    small = Runtimes(runtimes.pool, tail_bytes=64, checkpoint_limit_bytes=1024,
+                     result_limit_bytes=1000)
+    outcome = await small.run(Attempt("e-1", "demo.echo", {"s": "x" * 1000}, 1, None, None),
+                              on_checkpoint=None)  # type: ignore[arg-type]
+    assert outcome.error.kind == "result_too_large" and not outcome.error.retryable
+    assert "over the limit of 1000 bytes" in outcome.error.message
+    fits = await small.run(Attempt("e-1", "demo.echo", {"s": "x" * 900}, 1, None, None),
+                           on_checkpoint=None)  # type: ignore[arg-type]
+    assert fits.ok and fits.result == {"s": "x" * 900}
+
+
+async def test_a_line_the_worker_cannot_read_fails_the_attempt_as_a_bug(
+        runtimes: Runtimes) -> None:
+    # Past the reader's line limit: only possible with limits the settings do not allow.
+    outcome = await attempt("demo.echo", {"s": "x" * (LINE_LIMIT_BYTES + 1)})
+    assert outcome.error.kind == "bug" and "could not be read" in outcome.error.message
+    assert (await attempt("demo.add", {"a": 1, "b": 1})).ok
+
+
+async def test_a_child_that_dies_between_attempts_is_replaced_at_once(
+        runtimes: Runtimes) -> None:
+    pool = runtimes.pool
+    assert pool is not None
+    victim = pool.pids[0]
+    os.kill(victim, 9)
+
+    async def refilled() -> bool:
+        pids = pool.pids
+        return len(pids) == 2 and victim not in pids and all(_alive(p) for p in pids)
+
+    await wait_until(refilled, timeout=5, interval=0.02, what="the dead child replaced")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
