@@ -154,3 +154,22 @@ async def test_a_worker_never_runs_more_than_its_capacity(env: Env):
 
     await wait_until(sample, timeout=60, interval=0.05, what="all 12 done")
     assert 1 <= peak <= 3
+
+
+async def test_execution_ids_are_time_ordered_uuid7(env: Env):
+    first = await env.submit("demo.noop", n=3)
+    made_by = await env.pool.fetchval("SELECT clock_timestamp()")  # after the ids were
+
+    async def clock_moved_on() -> bool:  # ids carry milliseconds
+        return await env.pool.fetchval(
+            "SELECT clock_timestamp() > $1::timestamptz + interval '1 ms'", made_by)
+
+    await wait_until(clock_moved_on, timeout=5, interval=0.002, what="the clock to move on")
+    later = await env.submit("demo.noop", n=3)
+    assert all(uuid.UUID(str(i)).version == 7 for i in first + later)
+    assert max(str(i) for i in first) < min(str(i) for i in later)
+    # The first 48 bits are the Unix milliseconds the row was made at.
+    drift_ms = await env.pool.fetchval(
+        "SELECT max(abs(('x' || left(replace(id::text, '-', ''), 12))::bit(48)::bigint"
+        " - extract(epoch FROM created_at) * 1000)) FROM executions")
+    assert drift_ms < 1000, drift_ms

@@ -14,7 +14,7 @@
 -- statement yet because a racing insert just committed it, `id` is NULL: look it up
 -- again with by_keys).
 WITH input AS (
-    SELECT gen_random_uuid() AS id, s.*
+    SELECT vigil_uuid7() AS id, s.*
     FROM unnest(:actions::text[], :params::jsonb[], :max_attempts::int[], :timeouts_s::int[],
                 :keys::text[], :delays_s::float8[], :at::timestamptz[])
          WITH ORDINALITY AS s(action, params, max_attempts, timeout_s, key, delay_s, at, n)
