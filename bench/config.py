@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SYSTEMS = ("vigil", "celery-threads", "celery-prefork", "dramatiq")
-WORKLOADS = ("w1a", "w1b", "w2")
+WORKLOADS = ("w1a", "w1b", "w2", "w5")
 
 
 def _names(value: str, known: tuple[str, ...], what: str) -> str:

@@ -8,10 +8,8 @@ Postgres cluster, which must have production durability):
   batches of 500 (W1b): end to end, drain, submits/s, CPU per execution and peak RSS
   of each process group.
 - W2: 2,000 no-ops paced at 200/s, one at a time: submit -> start latency.
-- W5 (Vigil's dispatch with 10k/100k/1M rows queued) is bench/w5.py, written apart: if
-  that module exists, the runner calls `await w5.run(bench)` with a BenchContext after
-  the rest and shows the dict it returns in a table of its own ({row: {column: value}}
-  or {figure: value}).
+- W5: Vigil's dispatch with 10k/100k/1M rows queued and with 1M finished (bench/w5.py),
+  after the rest, in a table of its own.
 
 Runs alternate between systems (vigil, celery, dramatiq, vigil, ...) so that drift on
 the machine hits all alike; each workload runs VIGIL_BENCH_RUNS times (3), once only
@@ -23,9 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
-import inspect
 import signal
 import sys
 import tempfile
@@ -36,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bench import report
+from bench import report, w5
 from bench.config import BenchSettings
 from bench.servers import (
     PEER_USER,
@@ -187,14 +182,12 @@ async def run_all(bench: BenchContext, chosen: dict[str, Workload]) -> list[RunR
 
 
 async def run_w5(bench: BenchContext) -> tuple[dict[str, Any] | None, str | None]:
-    """bench/w5.py's figures, if that module exists: (figures, error)."""
-    if importlib.util.find_spec("bench.w5") is None:
+    """W5's figures if it was chosen: (figures, error)."""
+    if "w5" not in bench.settings.workload_names:
         return None, None
     say("W5: Vigil's dispatch with many rows queued (bench/w5.py)")
     try:
-        w5 = importlib.import_module("bench.w5")
-        takes_context = bool(inspect.signature(w5.run).parameters)
-        return await (w5.run(bench) if takes_context else w5.run()), None
+        return await w5.run(bench), None
     except Exception as exc:  # reported; the rest of the results stand
         return None, f"{type(exc).__name__}: {exc}"
 

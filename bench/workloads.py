@@ -47,7 +47,7 @@ def workloads(settings: BenchSettings) -> dict[str, Workload]:
                              f"{settings.latency_rate:g}/s, one at a time", "paced",
                        settings.latency_n, ("--rate", str(settings.latency_rate))),
     }
-    return {key: every[key] for key in settings.workload_names}
+    return {key: every[key] for key in settings.workload_names if key in every}
 
 
 @dataclass

@@ -137,11 +137,11 @@ class WorkerSettings(_ServiceSettings):
 
     name: str = Field("worker", description="Name shown in logs and the management UI.")
     capacity: int = Field(4, ge=1, le=256, description="Attempts run at once.")
-    prefetch: int = Field(
-        4, ge=0, le=1024, description="Dispatches a worker may hold beyond those it runs, "
-                                      "so that a free child never waits for the next one "
-                                      "(given back at once if it stops or runs short of "
-                                      "memory).")
+    prefetch: int | None = Field(
+        None, ge=0, le=1024, description="Dispatches a worker may hold beyond those it "
+                                         "runs, so that a free child never waits for the "
+                                         "next one (given back at once if it stops or "
+                                         "runs short of memory); unset: its capacity.")
     runtimes: list[str] = Field(["shell", "python"], description="Runtimes offered.")
     action_modules: list[str] = Field(["examples.actions"],
                                       description="Python modules that register actions.")
@@ -196,6 +196,11 @@ class WorkerSettings(_ServiceSettings):
         if self.memory_low_ratio >= self.memory_high_ratio:
             raise ValueError("memory_low_ratio must be below memory_high_ratio")
         return self
+
+    @property
+    def held_dispatches(self) -> int:
+        """The prefetch in effect: as set, else the capacity."""
+        return self.capacity if self.prefetch is None else self.prefetch
 
 
 class ExecutorSettings(_ServiceSettings):

@@ -186,7 +186,7 @@ class Worker:
             broker.worker_connection_name(s.name, self.id),
         )
         channel = self._channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=s.capacity + s.prefetch)
+        await channel.set_qos(prefetch_count=s.capacity + s.held_dispatches)
         self._queue = await broker.declare_worker_queue(channel, self.id)
         await action_rows.upsert(self.pool, [
             action_rows.ActionDefaults(a.name, a.max_attempts, a.timeout_s)
@@ -195,7 +195,7 @@ class Worker:
         await workers.register(self.pool, workers.Registration(
             id=self.id, name=s.name, hostname=socket.gethostname(), pid=os.getpid(),
             runtimes=list(s.runtimes), actions=list(self.offered), capacity=s.capacity,
-            prefetch=s.prefetch,
+            prefetch=s.held_dispatches,
         ))
         self._loops = [
             asyncio.create_task(run_loop(

@@ -34,6 +34,18 @@ async def test_most_free_slots_first_and_never_over_capacity_and_prefetch(env: E
     assert await one_round(env) == []  # full: the rest wait
 
 
+async def test_a_worker_is_topped_up_only_when_over_half_its_prefetch_is_free(env: Env):
+    a = await register(env, "a", 2, "x", prefetch=4)
+    ids = sorted(await env.submit("x", n=12))
+    assert len(await one_round(env)) == 6  # capacity + prefetch
+    finished = "UPDATE executions SET status = 'SUCCEEDED' WHERE id = ANY($1::uuid[])"
+    await env.pool.execute(finished, ids[:2])  # 4 held, 2 free: not more than half
+    assert await one_round(env) == []
+    await env.pool.execute(finished, ids[2:3])  # 3 free: one round tops it up to 6
+    topped_up = await one_round(env)
+    assert [d.worker_id for d in topped_up] == [a] * 3
+
+
 async def test_only_workers_offering_the_action_and_no_backlog_holds_back_another(env: Env):
     await register(env, "a", 5, "x")
     b = await register(env, "b", 5, "y")
