@@ -164,7 +164,9 @@ def git_revision() -> str:
                               check=False).stdout.strip()
 
     revision = git("rev-parse", "--short", "HEAD") or "unknown"
-    return revision + (" with uncommitted changes" if git("status", "--porcelain") else "")
+    # The last run's RESULTS.md, about to be rewritten, is not a change to what is measured.
+    changed = git("status", "--porcelain", "--", ".", f":!{RESULTS_MD.relative_to(REPO)}")
+    return revision + (" with uncommitted changes" if changed else "")
 
 
 def versions(postgres: str, rabbitmq: str) -> dict[str, str]:
