@@ -8,10 +8,13 @@
 -- latency at low load is unchanged. With prefetch 0 or 1 the rule is the old one.
 --
 -- Locking the workers makes a round a write (a transaction id, a commit to flush), so a
--- round first looks, without locks, whether any worker is eligible at all; most wake-ups
--- under load find none. Looking without the lock is safe: only a concurrent round can
--- change the answer before the lock is taken, and only by taking slots. Otherwise
--- vigil_dispatch is as in 0004, whose comment describes it.
+-- round first looks, without locks, whether an eligible worker offers an action with due
+-- work. Most wake-ups find none: under load the workers are full, and at low load the
+-- wake-up after an attempt ends finds nothing waiting. Looking without the lock is safe:
+-- a concurrent round can only take slots and work away, and whatever adds either (a
+-- submit, an attempt ending, a worker joining) notifies the executors again after it
+-- commits, while work that only becomes due with time is the executor's timer's.
+-- Otherwise vigil_dispatch is as in 0004, whose comment describes it.
 
 -- The eligible workers and their free slots, as of this statement.
 CREATE FUNCTION vigil_free_slots(p_stale_after_s float8)
@@ -45,7 +48,18 @@ DECLARE
     chosen_attempts integer[] := '{}';
     chosen_workers text[] := '{}';
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM vigil_free_slots(p_stale_after_s)) THEN
+    -- One index probe per offered action (LATERAL ... LIMIT 1: as a semi-join, the
+    -- planner may hash every due row instead).
+    IF NOT EXISTS (
+        SELECT 1
+        FROM vigil_free_slots(p_stale_after_s) f
+        JOIN workers w ON w.id = f.id
+        CROSS JOIN LATERAL unnest(w.actions) AS offered(action)
+        CROSS JOIN LATERAL (SELECT 1 FROM executions e
+                            WHERE e.status = 'REQUESTED' AND e.action = offered.action
+                              AND e.not_before <= now()
+                            LIMIT 1) due
+    ) THEN
         RETURN;
     END IF;
     PERFORM 1 FROM workers WHERE status = 'ACTIVE' ORDER BY workers.id FOR UPDATE;
