@@ -16,18 +16,21 @@
 -- commits, while work that only becomes due with time is the executor's timer's.
 -- Otherwise vigil_dispatch is as in 0004, whose comment describes it.
 
--- The eligible workers and their free slots, as of this statement.
+-- The eligible workers and their free slots, as of this statement. (A LATERAL aggregate
+-- counts each worker's executions once; as a scalar subquery, the planner evaluated the
+-- count again for every place `free` is used.)
 CREATE FUNCTION vigil_free_slots(p_stale_after_s float8)
 RETURNS TABLE (id text, free integer)
 LANGUAGE sql STABLE AS $$
-    SELECT w.id, w.free
-    FROM (SELECT w.id, w.prefetch, w.capacity + w.prefetch - (
-                     SELECT count(*) FROM executions e
-                     WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING')) AS free
-          FROM workers w
-          WHERE w.status = 'ACTIVE' AND NOT w.memory_pressure
-            AND w.last_heartbeat_at > now() - make_interval(secs => p_stale_after_s)) w
-    WHERE w.free > w.prefetch / 2
+    SELECT w.id, slots.free
+    FROM workers w
+    CROSS JOIN LATERAL (
+        SELECT (w.capacity + w.prefetch - count(*))::integer AS free
+        FROM executions e
+        WHERE e.worker_id = w.id AND e.status IN ('SCHEDULED', 'RUNNING')) slots
+    WHERE w.status = 'ACTIVE' AND NOT w.memory_pressure
+      AND w.last_heartbeat_at > now() - make_interval(secs => p_stale_after_s)
+      AND slots.free > w.prefetch / 2
 $$;
 
 CREATE OR REPLACE FUNCTION vigil_dispatch(p_round uuid, p_batch integer, p_stale_after_s float8,
